@@ -1,0 +1,50 @@
+"""The ``iris-lab`` command line.
+
+Each subcommand is a thin wrapper: it parses arguments and calls a function of
+the module that does the work.
+
+Example
+-------
+``iris-lab demo --out results/`` writes the demo's netCDF and PNG files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from iris_lab.demo import run_demo
+
+    outputs = run_demo(args.out)
+    for label, path in outputs.items():
+        print(f"{label}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="iris-lab", description="Solar spectral inversions: synthesis, look-up, networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the main job on embedded data")
+    demo.add_argument("--out", default="iris_lab_demo", help="output folder")
+    demo.set_defaults(func=_demo)
+
+    # --- subcommands ---
+    # (each block: add a subparser and set_defaults(func=...) calling into its module)
+    # --- end subcommands ---
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``iris-lab`` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
