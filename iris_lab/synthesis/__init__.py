@@ -1,0 +1,1 @@
+"""Spectral synthesis: LTE (torch) and NLTE (Lightweaver) forward models."""
