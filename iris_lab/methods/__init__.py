@@ -1,0 +1,1 @@
+"""Inversion methods: representative profiles, IRIS² look-up, networks."""
