@@ -1,0 +1,1 @@
+"""Readers and writers of observation and result files."""
