@@ -1,0 +1,1 @@
+"""Synthetic worlds: seeded generators of model atmospheres for training and validation."""
