@@ -1,0 +1,1 @@
+"""Inversions: batched Levenberg–Marquardt and coupled (per-pixel + global) fits."""
