@@ -36,6 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- subcommands ---
     # (each block: add a subparser and set_defaults(func=...) calling into its module)
+    def _build_database(args: argparse.Namespace) -> int:
+        from iris_lab.builder import cli_build_database
+
+        return cli_build_database(args)
+
+    build = sub.add_parser(
+        "build-database", help="NLTE Mg II database or flare set on dask (resumable)")
+    build.add_argument("--kind", choices=["mgii", "mgii_heldout", "flare"], required=True)
+    build.add_argument("--n", type=int, required=True, help="entries / samples wanted")
+    build.add_argument("--out", required=True, help="output netCDF file")
+    build.add_argument("--scheduler", default=None, help="dask scheduler address")
+    build.add_argument("--workers", type=int, default=None, help="local workers (default: cores)")
+    build.add_argument("--seed", type=int, default=None)
+    build.add_argument("--chunk-size", type=int, default=None)
+    build.add_argument("--store", default=None, help="checkpoint folder (build/<out>.parts)")
+    build.add_argument("--time-limit", type=float, default=None, help="stop after seconds")
+    build.set_defaults(func=_build_database)
     # --- end subcommands ---
     return parser
 
