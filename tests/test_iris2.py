@@ -1,0 +1,158 @@
+"""IRIS² look-up: exact pruned search against brute force, result layout, flags, dask, I/O."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from iris_lab.methods.iris2 import (
+    INTENSITY_UNITS,
+    IRIS2,
+    brute_force_lookup,
+    load_database,
+    toy_database,
+)
+from iris_lab.methods.search import NearestProfileSearch, brute_force_nearest
+
+
+@pytest.fixture(scope="module")
+def db():
+    return toy_database(1500, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(db):
+    return IRIS2(weights_windows=[(2795.9, 2796.8, 3.0), (2803.1, 2804.0, 2.0)]).fit(db)
+
+
+def _raster(values, wl, units=INTENSITY_UNITS):
+    ny = 10
+    return xr.DataArray(values.reshape(ny, -1, values.shape[-1]), dims=("y", "x", "wavelength"),
+                        coords={"wavelength": wl}, attrs={"units": units})
+
+
+@pytest.fixture(scope="module")
+def noisy(db):
+    """Held-out toy entries (other seed) with 3% multiplicative noise, 300 pixels."""
+    truth = toy_database(300, seed=7)
+    rng = np.random.default_rng(3)
+    return truth.profile.values * (1.0 + rng.normal(0.0, 0.03, truth.profile.shape))
+
+
+def test_pruned_search_equals_brute_force(db, noisy):
+    w = np.ones(db.sizes["wavelength"])
+    w[100:160] = 4.0
+    search = NearestProfileSearch(db.profile.values, w, chunk_size=128)
+    idx, dist = search.query(noisy)
+    ref_idx, ref_dist = brute_force_nearest(noisy, db.profile.values, w)
+    np.testing.assert_array_equal(idx, ref_idx)
+    # both are float64 sums of the same squared differences: 1e-12 relative
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-12)
+    # the bound prunes: far fewer exact evaluations than the 1500 entries per pixel
+    assert search.stats_["candidates"] < 20 * len(noisy)
+
+
+def test_search_ties_resolve_to_smallest_index_like_argmin(db):
+    prof = db.profile.values[:50]
+    dup = np.concatenate([prof, prof[::-1]])
+    w = np.ones(prof.shape[1])
+    idx, dist = NearestProfileSearch(dup, w).query(prof[:20])
+    np.testing.assert_array_equal(idx, np.arange(20))
+    np.testing.assert_array_equal(dist, 0.0)
+    np.testing.assert_array_equal(idx, brute_force_nearest(prof[:20], dup, w)[0])
+
+
+def test_search_rejects_bad_input(db):
+    with pytest.raises(ValueError, match="weights"):
+        NearestProfileSearch(db.profile.values, -np.ones(473))
+    with pytest.raises(ValueError, match="profiles must be"):
+        NearestProfileSearch(db.profile.values, np.ones(473)).query(np.ones((2, 10)))
+
+
+def test_predict_recovers_database_entries_exactly(model, db):
+    idx = np.random.default_rng(0).permutation(db.sizes["entry"])[:40]
+    raster = model.profiles(idx.reshape(4, 10))
+    res = model.predict(raster)
+    np.testing.assert_array_equal(res["index"].values, idx.reshape(4, 10))
+    np.testing.assert_array_equal(res["chi2"].values, 0.0)
+    np.testing.assert_array_equal(res["temperature"].values,
+                                  db.temperature.values[idx].reshape(4, 10, -1))
+    np.testing.assert_array_equal(res["sigma_log_n_e"].values,
+                                  db.sigma_log_n_e.values[idx].reshape(4, 10, -1))
+    assert res.attrs["method"] == "iris2_lookup"
+    assert res["temperature"].attrs["units"] == "K"
+    assert res["quality"].attrs["flag_meanings"].split()[:3] == ["masked", "low_signal",
+                                                                "high_chi2"]
+
+
+def test_predict_matches_brute_force_with_masks_and_flags(model, db, noisy):
+    obs = noisy.copy()
+    obs[:80, 40:60] = np.nan        # one shared partial mask (pruned path, w·m weights)
+    for i in range(80, 85):          # unique partial masks (brute-force path)
+        obs[i, 10 * i % 400: 10 * i % 400 + 7] = np.nan
+    obs[85:90] = np.nan              # fully masked
+    obs[90:95, :300] = np.nan        # more than half masked
+    obs[95] *= 1e-3                  # dark pixel
+    res = model.predict(_raster(obs, db.wavelength.values))
+    idx = res["index"].values.ravel()
+    chi2 = res["chi2"].values.ravel()
+    q = res["quality"].values.ravel()
+    ref_idx, ref_chi2 = brute_force_lookup(model, obs)
+    usable = np.ones(len(obs), bool)
+    usable[85:95] = False
+    np.testing.assert_array_equal(idx[usable], ref_idx[usable])
+    # float32 storage of chi2: 1e-6 relative
+    np.testing.assert_allclose(chi2[usable], ref_chi2[usable], rtol=1e-6)
+    assert (idx[~usable] == -1).all() and np.isnan(chi2[~usable]).all()
+    assert np.isnan(res["temperature"].values.reshape(len(obs), -1)[~usable]).all()
+    assert (q[85:95] & 1).all() and not (q[usable] & 1).any()
+    assert (q[:85] & 8).all() and not (q[96:] & 8).any()
+    assert q[95] & 2 and not (q[96:] & 2).any()
+    assert ((q & 4) > 0).tolist() == (np.nan_to_num(chi2, nan=0) > 0.05).tolist()
+
+
+def test_predict_on_dask_cluster_is_identical(model, db, noisy):
+    pytest.importorskip("dask.distributed")
+    raster = _raster(noisy, db.wavelength.values)
+    local = model.predict(raster, n_chunks=3)
+    distributed = model.predict(raster, client="local", n_chunks=3)
+    xr.testing.assert_identical(local, distributed)
+
+
+def test_predict_interpolates_other_grids(model, db):
+    wl = db.wavelength.values
+    coarse = wl[::3]
+    prof = db.profile.values[:20][:, ::3]
+    res = model.predict(_raster(prof, coarse))
+    # linear interpolation of a smooth profile: the right entry still wins for most
+    assert (res["index"].values.ravel() == np.arange(20)).mean() >= 0.8
+    with pytest.raises(ValueError, match="less than half"):
+        model.predict(_raster(prof, coarse + 20.0))
+    with pytest.raises(ValueError, match="units"):
+        model.predict(_raster(prof, coarse, units="counts"))
+
+
+def test_save_load_round_trip(model, db, tmp_path, noisy):
+    path = model.save(tmp_path / "iris2.nc")
+    back = IRIS2.load(path)
+    assert back.weights_windows == [(2795.9, 2796.8, 3.0), (2803.1, 2804.0, 2.0)]
+    np.testing.assert_array_equal(back.weights_, model.weights_)
+    raster = _raster(noisy[:50], db.wavelength.values)
+    xr.testing.assert_identical(back.predict(raster), model.predict(raster))
+    with pytest.raises(ValueError, match="not a saved IRIS2 model"):
+        db.to_netcdf(tmp_path / "db.nc", engine="h5netcdf")
+        IRIS2.load(tmp_path / "db.nc")
+
+
+def test_database_schema_errors(db, tmp_path):
+    with pytest.raises(ValueError, match="lacks variables"):
+        load_database(db.drop_vars("sigma_v_los"))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_database(tmp_path / "missing.nc")
+    bad = tmp_path / "bad.nc"
+    bad.write_text("garbage")
+    with pytest.raises(ValueError, match="not readable"):
+        load_database(bad)
+    with pytest.raises(ValueError, match="not fitted"):
+        IRIS2().predict(xr.DataArray(np.ones((1, 1, 3)), dims=("y", "x", "wavelength")))
