@@ -156,3 +156,46 @@ def test_database_schema_errors(db, tmp_path):
         load_database(bad)
     with pytest.raises(ValueError, match="not fitted"):
         IRIS2().predict(xr.DataArray(np.ones((1, 1, 3)), dims=("y", "x", "wavelength")))
+
+
+def test_umf_analytic_offsets():
+    from iris_lab.methods.umf import umf_summary, umf_table, uncertainty_multiplication_factor
+
+    rng = np.random.default_rng(0)
+    shape = (4, 5, 39)
+    lt = np.round(np.linspace(-7.0, 0.6, 39), 2)
+    sig = {"temperature": rng.uniform(100, 500, shape), "v_los": rng.uniform(1e4, 1e5, shape),
+           "v_turb": rng.uniform(1e4, 1e5, shape), "n_e": rng.uniform(0.1, 0.5, shape)}
+    truth_vals = {"temperature": rng.uniform(4e3, 9e3, shape), "v_los": rng.normal(0, 1e5, shape),
+                  "v_turb": rng.uniform(1e5, 5e5, shape), "n_e": 10 ** rng.uniform(10, 13, shape)}
+    dims = ("y", "x", "log_tau")
+    truth = xr.Dataset({k: (dims, v) for k, v in truth_vals.items()}, coords={"log_tau": lt})
+    factor = np.where(np.arange(20).reshape(4, 5) < 10, 2.0, 0.5)[..., None]
+    est = {
+        "temperature": truth_vals["temperature"] + factor * sig["temperature"],
+        "v_los": truth_vals["v_los"] - factor * sig["v_los"],
+        "v_turb": truth_vals["v_turb"] + factor * sig["v_turb"],
+        "n_e": truth_vals["n_e"] * 10 ** (factor * sig["n_e"]),
+    }
+    names = {"temperature": "sigma_temperature", "v_los": "sigma_v_los",
+             "v_turb": "sigma_v_turb", "n_e": "sigma_log_n_e"}
+    result = xr.Dataset({**{k: (dims, v) for k, v in est.items()},
+                         **{names[k]: (dims, v) for k, v in sig.items()},
+                         "quality": (("y", "x"), np.zeros((4, 5), np.uint8))},
+                        coords={"log_tau": lt})
+    result["quality"][3, 4] = 1
+    umf = uncertainty_multiplication_factor(result, truth)
+    expect = np.broadcast_to(factor, shape).copy()
+    expect[3, 4] = np.nan
+    for q in ("temperature", "v_los", "v_turb", "n_e"):
+        # float32 output: 1e-5 relative
+        np.testing.assert_allclose(umf[f"umf_{q}"].values, expect, rtol=1e-5)
+    top = np.zeros((4, 5), bool)
+    top[:2] = True
+    summary = umf_summary(umf, {"top": top, "bottom": ~top})
+    np.testing.assert_allclose(summary["umf_temperature"].sel(region="top"), 2.0, rtol=1e-5)
+    np.testing.assert_allclose(summary["umf_n_e"].sel(region="bottom"), 0.5, rtol=1e-5)
+    table = umf_table(summary)
+    assert set(table["region"]) == {"full_fov", "top", "bottom"}
+    with pytest.raises(ValueError, match="needs variables"):
+        uncertainty_multiplication_factor(result.drop_vars("sigma_v_los"), truth)

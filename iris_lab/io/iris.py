@@ -285,7 +285,8 @@ def write_iris_raster(raster: xr.DataArray, path: PathType, *, exptime: float = 
     if units != "DN/s":
         from iris_lab.instrument import iris_intensity_to_dn
 
-        values = np.asarray(iris_intensity_to_dn(values, 1.0), dtype=np.float64)
+        wl = np.asarray(raster["wavelength"].values, dtype=float)
+        values = np.asarray(iris_intensity_to_dn(values, 1.0, wavelength=wl), dtype=np.float64)
     wl = np.asarray(raster["wavelength"].values, dtype=float)
     if wl.size < 2 or not np.allclose(np.diff(wl), wl[1] - wl[0], rtol=1e-4):
         raise ValueError("wavelength grid must be uniform to be written as level 2")

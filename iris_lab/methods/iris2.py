@@ -248,16 +248,16 @@ def raster_on_grid(raster: xr.DataArray, wavelength: np.ndarray) -> np.ndarray:
     """
     units = str(raster.attrs.get("units", "")).strip()
     data = np.asarray(raster.values, dtype=np.float64)
+    wl = np.asarray(raster["wavelength"].values, dtype=np.float64)
     if units == "DN/s":
         from iris_lab.instrument import iris_dn_to_intensity
 
-        data = np.asarray(iris_dn_to_intensity(data), dtype=np.float64)
+        data = np.asarray(iris_dn_to_intensity(data, wavelength=wl), dtype=np.float64)
     elif units.replace(" ", "") != INTENSITY_UNITS.replace(" ", ""):
         raise ValueError(f"raster units {units!r} not understood: expected 'DN/s' or "
                          f"{INTENSITY_UNITS!r} in attrs['units']")
     if "mask" in raster.coords:
         data = np.where(np.asarray(raster["mask"].values, dtype=bool), np.nan, data)
-    wl = np.asarray(raster["wavelength"].values, dtype=np.float64)
     target = np.asarray(wavelength, dtype=np.float64)
     if wl.shape == target.shape and np.allclose(wl, target, atol=1e-4):
         return data
