@@ -16,7 +16,8 @@ grid, in three steps:
    IRIS² inversions (Sainz Dalda et al. 2019, ApJL 875, L18): 7 in
    temperature, 4 in ``v_los`` and 4 in ``v_turb``, interpolated in log τ500
    by monotone cubic (PCHIP) splines.
-3. **Hydrostatic equilibrium on the column-mass scale.** ``p_gas = g m``; the
+3. **Hydrostatic equilibrium on the column-mass scale.** ``p_gas + ρ v_turb²/2
+   = g m`` (turbulent pressure as in the FAL models); the
    total hydrogen density follows from the ideal gas, ``p = (n_H (1 + A_He) +
    n_e) k T``, with an electron density estimated from FAL-C's (NLTE)
    ionisation degree rescaled by the LTE Saha odds of the new temperature and
@@ -207,7 +208,8 @@ def tr_weight(t_ref: np.ndarray) -> np.ndarray:
 
 
 def hydrostatic_column(log_m: np.ndarray, temperature: np.ndarray, y_e: np.ndarray,
-                       log_tau: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                       log_tau: np.ndarray | None = None,
+                       v_turb: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Densities and heights of a column in hydrostatic equilibrium.
 
     Parameters
@@ -220,15 +222,20 @@ def hydrostatic_column(log_m: np.ndarray, temperature: np.ndarray, y_e: np.ndarr
         Electrons per hydrogen nucleus, same shape.
     log_tau
         If given, heights are zero where it crosses 0 (else at the bottom).
+    v_turb
+        Microturbulence [cm/s]; its pressure ``ρ v_turb² / 2`` shares the
+        weight of the column, as in the FAL models: ``p_gas + ρ v_t²/2 = g m``.
 
     Returns
     -------
     dict
-        ``p_gas`` [dyn cm⁻²] = g m, ``n_h``, ``n_e`` [cm⁻³], ``rho`` [g cm⁻³]
-        and ``height`` [cm] from ``dh = -dm / ρ`` (trapezoidal in m).
+        ``p_gas`` [dyn cm⁻²], ``n_h``, ``n_e`` [cm⁻³], ``rho`` [g cm⁻³]
+        and ``height`` [cm] from ``dh = -dm / ρ`` (trapezoidal in ln m).
     """
     m = 10.0**log_m
-    p_gas = GRAVITY * m
+    turbulent = 0.0 if v_turb is None else (
+        0.5 * np.asarray(v_turb) ** 2 * MASS_PER_H * AMU / (K_B * temperature * (1.0 + A_HE + y_e)))
+    p_gas = GRAVITY * m / (1.0 + turbulent)
     n_h = p_gas / (K_B * temperature * (1.0 + A_HE + y_e))
     rho = n_h * MASS_PER_H * AMU
     # trapezoid in ln m: dh = -m / rho d(ln m)
@@ -337,11 +344,10 @@ def build_atmospheres(delta_t_nodes: np.ndarray, t_rel_nodes: np.ndarray, tr_shi
     n_ref = falc.p_gas / (K_B * t_ref)
     n_tot = GRAVITY * 10.0**log_m / (K_B * temperature)
     y_e = rescaled_ionisation(y_ref, t_ref, n_ref, temperature, n_tot)
-    column = hydrostatic_column(log_m, temperature, y_e, log_tau)
-
     v_los = np.clip(_pchip_rows(V_NODES, v_nodes, log_tau_ref), -V_LOS_MAX, V_LOS_MAX)
     factor = np.exp(_pchip_rows(VTURB_NODES, vturb_log_nodes, log_tau_ref))
     v_turb = np.clip(falc.v_turb * vturb_scale[..., None] * factor, 0.0, V_TURB_MAX)
+    column = hydrostatic_column(log_m, temperature, y_e, log_tau, v_turb)
     return Atmosphere(temperature=temperature, height=column["height"], log_tau=log_tau,
                       v_los=v_los, v_turb=v_turb, n_e=column["n_e"], n_h=column["n_h"],
                       p_gas=column["p_gas"], rho=column["rho"], scale="height")

@@ -18,22 +18,24 @@ scalings, evaluated at every time step of a sequence:
    ``t = min(1, 2 K N* / E_c²)`` (``B`` the incomplete beta function), which
    integrates to the beam flux ``F`` (see :func:`beam_heating_per_column`).
 3. **Chromospheric response.** Deposited energy per gram ``e`` accumulates and
-   relaxes radiatively (time scale ``tau_rad``); temperature rises towards a
-   hydrogen-ionisation plateau of ~10⁴ K, ``T = T0 + (T_pl - T0)(1 - e^(-e/e1))``;
-   where ``e`` exceeds the ``e_tr`` needed to ionise and heat the gas beyond
-   radiative control the layer joins the corona: the **transition region is
-   pushed down** in column mass.
-4. **Corona.** Apex temperature from conductive balance,
-   ``T_apex = (3.5 f_c F L / κ0)^(2/7)`` (RTV-like), pressure from the
-   evaporated column spread along the loop (capped by the RTV scaling law
-   ``T = 1400 (p L)^(1/3)``), a ``T^(7/2)`` conductive profile above the TR.
-5. **Flows.** **Evaporation upflows** above the TR, at a fraction of the coronal
+   relaxes radiatively (time scale ``tau_rad`` ~ 1 s); temperature rises towards
+   a hydrogen-ionisation plateau of ~10⁴ K,
+   ``T = T0 + (T_pl - T0)(1 - exp(-e / e_pl))`` with ``e_pl = 2×10¹² erg g⁻¹``.
+   Heating is isochoric: on flare time scales the chromosphere cannot readjust
+   hydrostatically (the sound crossing time is minutes), so mass elements keep
+   FAL-C's height and density and their pressure rises. Electron densities
+   follow from FAL-C's ionisation degree rescaled by LTE Saha odds
+   (:func:`iris_lab.worlds.chromosphere.rescaled_ionisation`).
+4. **Transition region pushed down.** Where ``e`` exceeds what the layer can
+   radiate, ``e_tr = 10¹³ sqrt(n_H / n_H,TR) erg g⁻¹`` (losses grow with
+   density), the layer evaporates and joins the corona (Fisher 1989).
+5. **Corona.** Apex temperature from conductive balance,
+   ``T_apex = (3.5 f_c F L / κ0)^(2/7)`` (RTV-like, ``f_c = 0.1``), pressure
+   from the evaporated column spread along the loop (capped by the RTV scaling
+   law ``T = 1400 (p L)^(1/3)``), a ``T^(7/2)`` conductive profile above the TR.
+6. **Flows.** **Evaporation upflows** above the TR, at a fraction of the coronal
    sound speed; **condensation downflows** below it, ``v ≈ 0.4 (F/ρ)^(1/3)``
-   (Fisher 1989), decaying over ~0.4 dex in column mass.
-6. **Hydrostatics** below the TR on column mass (``p = p_TR + g (m - m_TR)``),
-   electron densities from FAL-C's ionisation degree rescaled by LTE Saha
-   odds (:func:`iris_lab.worlds.chromosphere.rescaled_ionisation`), heights
-   from ``dh = -dm/ρ`` with ``h = 0`` at τ500 = 1 of FAL-C.
+   (Fisher 1989), decaying over ~150 km below the TR.
 
 Every state is bounded: 3000 K ≤ T ≤ 5×10⁷ K, |v| ≤ 400 km/s above the TR
 and ≤ 100 km/s below, positive densities. Consecutive steps of a sequence
@@ -48,6 +50,8 @@ Example
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -84,10 +88,15 @@ T_FLOOR = 3000.0
 T_CEIL = 5.0e7
 V_CORONA_MAX = 400.0e5
 V_CHROMOSPHERE_MAX = 100.0e5
-#: Energy per gram of the ionisation plateau and of the TR threshold [erg g⁻¹]
+#: Energy per gram of the hydrogen-ionisation plateau [erg g⁻¹]
 #: (ionising H costs 13.6 eV per 1.37 amu ≈ 1e13 erg g⁻¹).
-E_PLATEAU = 1.0e13
-E_TR = 4.0e13
+E_PLATEAU = 2.0e12
+#: Deposited energy per gram beyond which a layer at the pre-flare TR density can no
+#: longer radiate and evaporates, joining the corona [erg g⁻¹]; denser layers radiate
+#: more, so the threshold grows as sqrt(n_H / n_H(TR)).
+E_TR = 1.0e13
+#: e-folding height of the condensation downflow below the TR [cm].
+CONDENSATION_DEPTH = 1.5e7
 #: Fraction of the beam flux that ends in the corona by conduction/evaporation.
 CORONAL_FRACTION = 0.1
 #: Electrons per hydrogen nucleus of a fully ionised plasma (H, He, low-FIP metals).
@@ -181,20 +190,10 @@ def _preflare(n_fine: int = _N_FINE) -> dict[str, np.ndarray]:
         "n_tot": np.exp(np.interp(grid, lm, np.log((falc.p_gas / (K_B * falc.temperature))[keep]))),
         "v_turb": np.interp(grid, lm, falc.v_turb[keep]),
         "log_tau": np.interp(grid, lm, falc.log_tau[keep]),
+        "height": np.interp(grid, lm, falc.height[keep]),
+        "n_h": np.exp(np.interp(grid, lm, np.log(falc.n_h[keep]))),
     }
-    fields["log_m_zero"] = float(np.interp(0.0, falc.log_tau, log_m_falc))
     return fields
-
-
-def _column_heights(log_m: np.ndarray, rho: np.ndarray, log_m_zero: float) -> np.ndarray:
-    """Heights [cm] of a column (top first) with h = 0 at ``log_m_zero``."""
-    m = 10.0**log_m
-    dm = np.diff(m)
-    steps = 0.5 * (1.0 / rho[..., 1:] + 1.0 / rho[..., :-1]) * dm
-    below = np.concatenate([np.flip(np.cumsum(np.flip(steps, -1), -1), -1),
-                            np.zeros(rho.shape[:-1] + (1,))], axis=-1)
-    zero = _interp_rows(np.full(rho.shape[:-1] + (1,), log_m_zero), log_m, below)
-    return below - zero
 
 
 def _evolve(flux_total: np.ndarray, e_cut: np.ndarray, delta: np.ndarray,
@@ -213,6 +212,7 @@ def _evolve(flux_total: np.ndarray, e_cut: np.ndarray, delta: np.ndarray,
 
     energy = np.zeros((n_b, log_m.size))
     y_e = np.broadcast_to(pre["y_e"], (n_b, log_m.size)).copy()
+    n_h = np.broadcast_to(pre["n_tot"] / (1.0 + A_HE + pre["y_e"]), (n_b, log_m.size)).copy()
     f_eff = np.zeros(n_b)
     out = {k: np.empty((n_b, n_s, heights.size)) for k in
            ("temperature", "n_e", "n_h", "v_los", "v_turb", "p_gas", "rho")}
@@ -228,16 +228,19 @@ def _evolve(flux_total: np.ndarray, e_cut: np.ndarray, delta: np.ndarray,
         column = m_tr0 / mu_h + np.concatenate([np.zeros((n_b, 1)), np.cumsum(dn, 1)], 1)
         q_col = beam_heating_per_column(column, f_mean[:, None], e_cut[:, None], delta[:, None])
         q_mass = q_col * weight / mu_h
-        decay = np.exp(-dt / tau_rad)[:, None]
-        energy = energy * decay + q_mass * dt
+        # deposited energy relaxes radiatively on the time scale tau_rad
+        tau = tau_rad[:, None]
+        energy = energy * np.exp(-dt / tau) + q_mass * tau * (1.0 - np.exp(-dt / tau))
         relax = 1.0 - np.exp(-dt / 10.0)
         f_eff = f_eff + (f_mean - f_eff) * relax
 
-        coronal = np.cumprod(energy >= E_TR, axis=1).astype(bool)
+        # layers that cannot radiate the deposited energy evaporate
+        threshold = E_TR * np.sqrt(pre["n_h"] / pre["n_h"][0])
+        coronal = np.cumprod(energy >= threshold, axis=1).astype(bool)
         i_tr = np.minimum(coronal.sum(1), log_m.size - 8)  # keep a chromosphere
         m_tr = m[i_tr]
 
-        plateau = np.minimum(1.0e4 * (1.0 + 0.3 * np.log10(1.0 + energy / E_PLATEAU)), 3.0e4)
+        plateau = np.minimum(1.0e4 * (1.0 + 0.3 * np.log10(1.0 + energy / E_PLATEAU)), 2.5e4)
         t0 = pre["temperature"]
         temp = t0 + np.maximum(plateau - t0, 0.0) * (1.0 - np.exp(-energy / E_PLATEAU))
         temp = np.maximum(temp, T_FLOOR)
@@ -248,20 +251,22 @@ def _evolve(flux_total: np.ndarray, e_cut: np.ndarray, delta: np.ndarray,
         p_evap = (m_tr - m_tr0) / (mu_h * top) * (1.0 + A_HE + Y_CORONA) * K_B * t_apex
         p_cor = p_cor0 + np.minimum(p_rtv, p_evap)
 
-        p = p_cor[:, None] + GRAVITY * np.maximum(m[None, :] - m_tr[:, None], 0.0)
-        n_tot = p / (K_B * temp)
-        y_e = np.minimum(rescaled_ionisation(pre["y_e"], t0, pre["n_tot"], temp, n_tot),
-                         1.0 + A_METALS)
-        n_h = p / (K_B * temp * (1.0 + A_HE + y_e))
+        # isochoric heating: on flare time scales the chromosphere has no time to
+        # readjust hydrostatically (sound crossing ~ minutes), so mass elements keep
+        # their pre-flare height and density and their pressure rises
+        n_h = np.broadcast_to(pre["n_h"], temp.shape)
+        y_e = np.minimum(rescaled_ionisation(pre["y_e"], t0, pre["n_tot"], temp,
+                                             pre["n_tot"]), 1.0 + A_METALS)
+        p = n_h * (1.0 + A_HE + y_e) * K_B * temp
         rho = n_h * mu_h
-        h = _column_heights(log_m, rho, pre["log_m_zero"])
+        h = np.broadcast_to(pre["height"], temp.shape)
         h_tr = np.take_along_axis(h, i_tr[:, None], 1)[:, 0]
 
         # condensation below the TR, evaporation above it
         rho_tr = np.take_along_axis(rho, i_tr[:, None], 1)[:, 0]
         v_cond = np.minimum(0.4 * (f_eff / rho_tr) ** (1.0 / 3.0), V_CHROMOSPHERE_MAX)
-        depth_dex = np.maximum(log_m[None, :] - np.log10(m_tr)[:, None], 0.0)
-        v_chrom = v_cond[:, None] * np.exp(-depth_dex / 0.4)
+        v_chrom = v_cond[:, None] * np.exp(-np.maximum(h_tr[:, None] - h, 0.0)
+                                            / CONDENSATION_DEPTH)
         sound = np.sqrt(5.0 / 3.0 * (1.0 + A_HE + Y_CORONA) * K_B * t_apex / mu_h)
         v_evap = np.minimum(0.3 * sound * np.minimum(1.0, f_eff / 1.0e10) ** (1.0 / 3.0),
                             V_CORONA_MAX)
@@ -298,6 +303,47 @@ def _evolve(flux_total: np.ndarray, e_cut: np.ndarray, delta: np.ndarray,
         out["rho"][:, s] = out["n_h"][:, s] * mu_h
         t_prev = t_now
     return out
+
+
+def flare_atmospheres(flux: Any, e_cut: Any, delta: Any, times: Any, *,
+                      t_corona0: Any = 1.5e6, tau_rad: Any = 1.0) -> Atmosphere:
+    """Deterministic flare atmospheres for given beams at given times.
+
+    Parameters
+    ----------
+    flux, e_cut, delta
+        Total beam energy [erg cm⁻²], cut-off [keV] and spectral index, shape ``(n,)``
+        (scalars broadcast).
+    times
+        Increasing times after beam onset [s], shape ``(n_steps,)``.
+    t_corona0, tau_rad
+        Pre-flare coronal temperature [K] and radiative relaxation time [s].
+
+    Returns
+    -------
+    Atmosphere
+        Batch ``(n, n_steps)`` on :func:`flare_height_grid`.
+
+    Example
+    -------
+    >>> atm = flare_atmospheres(1e11, 20.0, 5.0, [5.0, 10.0])
+    >>> atm.batch_shape
+    (1, 2)
+    """
+    flux, e_cut, delta, t_corona0, tau_rad = (
+        np.atleast_1d(np.asarray(a, dtype=float)) for a in (flux, e_cut, delta, t_corona0, tau_rad))
+    flux, e_cut, delta, t_corona0, tau_rad = np.broadcast_arrays(
+        flux, e_cut, delta, t_corona0, tau_rad)
+    times = np.atleast_1d(np.asarray(times, dtype=float))
+    if times.ndim != 1 or np.any(times <= 0) or np.any(np.diff(times) <= 0):
+        raise ValueError("times must be positive and strictly increasing")
+    if np.any(flux <= 0) or np.any(e_cut <= 0):
+        raise ValueError("flux and e_cut must be > 0")
+    if np.any(delta <= 2):
+        raise ValueError("delta must be > 2")
+    fields = _evolve(flux, e_cut, delta, t_corona0, tau_rad, times)
+    height = np.broadcast_to(flare_height_grid(), fields["temperature"].shape)
+    return Atmosphere(height=height, scale="height", **fields)
 
 
 def sample_flare_sequences(n_sequences: int, n_steps: int, *, seed: int, dt: float = 1.0
@@ -350,11 +396,10 @@ def sample_flare_sequences(n_sequences: int, n_steps: int, *, seed: int, dt: flo
     e_cut = rng.uniform(*E_CUT_RANGE, n_sequences)
     delta = rng.uniform(*DELTA_RANGE, n_sequences)
     t_corona0 = rng.uniform(1.0e6, 2.5e6, n_sequences)
-    tau_rad = rng.uniform(3.0, 10.0, n_sequences)
+    tau_rad = rng.uniform(0.5, 2.0, n_sequences)
     times = dt * np.arange(1, n_steps + 1)
-    fields = _evolve(flux, e_cut, delta, t_corona0, tau_rad, times)
-    height = np.broadcast_to(flare_height_grid(), fields["temperature"].shape)
-    atmosphere = Atmosphere(height=height, scale="height", **fields)
+    atmosphere = flare_atmospheres(flux, e_cut, delta, times, t_corona0=t_corona0,
+                                   tau_rad=tau_rad)
     beam = xr.Dataset(
         {
             "flux": ("sequence", flux, {"units": "erg / cm2",
