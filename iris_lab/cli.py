@@ -53,6 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--store", default=None, help="checkpoint folder (build/<out>.parts)")
     build.add_argument("--time-limit", type=float, default=None, help="stop after seconds")
     build.set_defaults(func=_build_database)
+
+    def _iris2(args: argparse.Namespace) -> int:
+        from iris_lab.methods.iris2 import cli_iris2
+
+        return cli_iris2(args)
+
+    iris2 = sub.add_parser("iris2", help="IRIS² look-up inversion of Mg II h&k rasters")
+    iris2.add_argument("rasters", nargs="+", help="IRIS level-2 raster FITS (or netCDF) files")
+    iris2.add_argument("--out", required=True, help="result netCDF (several inputs: a stem)")
+    iris2.add_argument("--database", default=None, help="Mg II database (default: shipped)")
+    iris2.add_argument("--scheduler", default=None,
+                       help="dask scheduler address, or 'local' for a LocalCluster")
+    iris2.add_argument("--rp", type=int, default=0,
+                       help="invert N representative profiles instead of every pixel")
+    iris2.add_argument("--weights-window", nargs=3, action="append", metavar=("LO", "HI", "W"),
+                       help="chi2 weight W between LO and HI Angstrom (repeatable)")
+    iris2.add_argument("--chi2-threshold", type=float, default=0.05)
+    iris2.add_argument("--device", default="cpu")
+    iris2.set_defaults(func=_iris2)
     # --- end subcommands ---
     return parser
 

@@ -588,3 +588,68 @@ def brute_force_lookup(model: IRIS2, intensity: np.ndarray) -> tuple[np.ndarray,
     obs = np.where(valid, q, 0.0)
     idx, dist = brute_force_nearest(obs, model._profiles, wv)
     return idx, dist / np.maximum((obs**2 * wv).sum(1), 1e-300)
+
+
+def cli_iris2(args: Any) -> int:
+    """The ``iris-lab iris2`` command: look up every raster file, skipping bad ones.
+
+    One input writes ``args.out``; several write ``<out stem>_<input stem>.nc``
+    next to it. A bad file (unreadable, truncated, no Mg II window, wrong
+    wavelength coverage) prints one ``error:`` line on stderr and is skipped; the
+    exit status is 1 when any file failed.
+
+    Example
+    -------
+    ``iris-lab iris2 iris_l2_*_raster_t000_r0000*.fits --out result.nc``
+    """
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from iris_lab.io.iris import read_iris_raster
+
+    windows = [tuple(map(float, w)) for w in (args.weights_window or [])]
+    try:
+        model = IRIS2(weights_windows=windows or None, chi2_threshold=args.chi2_threshold,
+                      device=args.device).fit(args.database)
+    except ValueError as err:
+        print(f"iris-lab iris2: error: {err}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    paths = [Path(p) for p in args.rasters]
+    failed = 0
+    client = args.scheduler
+    for path in tqdm(paths, desc="rasters", unit="file", disable=len(paths) < 2):
+        try:
+            if path.suffix == ".nc":
+                raster = xr.load_dataarray(path, engine="h5netcdf")
+            else:
+                raster = read_iris_raster(path)
+            if raster.ndim != 3:
+                raise ValueError(f"{path}: expected one raster (y, x|time, wavelength), "
+                                 f"got dims {raster.dims}")
+            if args.rp:
+                from iris_lab.methods.rp import (
+                    RepresentativeProfiles,
+                    invert_representative_profiles,
+                )
+
+                rp = RepresentativeProfiles(n_profiles=args.rp).fit(raster)
+                result = invert_representative_profiles(model, rp, raster)
+            else:
+                result = model.predict(raster, client=client, progress=True)
+        except (ValueError, OSError) as err:
+            msg = str(err) if str(path) in str(err) else f"{path}: {err}"
+            print(f"iris-lab iris2: error: {msg}", file=sys.stderr)
+            failed += 1
+            continue
+        target = out if len(paths) == 1 else out.with_name(f"{out.stem}_{path.stem}.nc")
+        result.attrs["source"] = str(path)
+        for name in list(result.coords):
+            if np.issubdtype(result[name].dtype, np.bool_):
+                result = result.drop_vars(name)
+        result.to_netcdf(target, engine="h5netcdf")
+        print(f"{path} -> {target}")
+    if failed:
+        print(f"iris-lab iris2: {failed} of {len(paths)} file(s) failed", file=sys.stderr)
+    return 1 if failed else 0
