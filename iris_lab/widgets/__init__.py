@@ -1,0 +1,1 @@
+"""Interactive panels (ipywidgets + matplotlib) used by the notebooks."""
