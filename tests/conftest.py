@@ -40,6 +40,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
 ]
 IDLE = ".jp-Notebook-ExecutionIndicator[data-status='idle']"
+STDERR = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+RUN_ALL_TIMEOUT_MS = int(os.environ.get("IRIS_LAB_RUN_ALL_TIMEOUT_MS", 240_000))
 
 
 def _free_port() -> int:
@@ -110,7 +112,7 @@ class Lab:
             time.sleep(0.5)
         raise AssertionError(f"the kernel of {notebook} did not settle within {timeout_s} s")
 
-    def run_all(self, page, timeout_ms: int = int(os.environ.get("IRIS_LAB_RUN_ALL_TIMEOUT_MS", 240_000))) -> None:
+    def run_all(self, page, timeout_ms: int = RUN_ALL_TIMEOUT_MS) -> None:
         """Run every cell and wait until the kernel is idle again."""
         page.locator(".jp-Notebook").first.click()
         page.keyboard.press("Escape")
@@ -143,7 +145,7 @@ class Lab:
             raise AssertionError(
                 f"cells did not all run (prompts {prompts}); screenshot {shot}") from None
         page.wait_for_selector(IDLE, timeout=timeout_ms)
-        errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+        errors = page.locator(STDERR)
         tracebacks = [t for t in errors.all_inner_texts() if "Traceback" in t or "Error" in t]
         if tracebacks:
             raise AssertionError(f"notebook raised in the browser: {tracebacks[0][:2000]}")
