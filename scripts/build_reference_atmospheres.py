@@ -54,7 +54,8 @@ def build_falc() -> dict[str, np.ndarray]:
         "n_e": n_e,
         "n_h": n_h,
         "p_gas": (n_h * abundance.totalAbundance + n_e) * K_BOLTZMANN * temperature,
-        "rho": n_h * abundance.avgMass * AMU,
+        # avgMass is the mean mass per atom (all elements), so per H atom it is Σ A ⟨m⟩
+        "rho": n_h * abundance.totalAbundance * abundance.avgMass * AMU,
     }
 
 
