@@ -85,15 +85,24 @@ def _as_increasing(wavelength: Any, name: str = "wavelength") -> np.ndarray:
     return x
 
 
-def _interpolation_matrix(x_in: np.ndarray, x_out: np.ndarray) -> np.ndarray:
-    """Dense (n_out, n_in) matrix of linear interpolation from x_in to x_out (inside)."""
+def _interpolation_matrix(x_in: np.ndarray, x_out: np.ndarray):
+    """Sparse (n_out, n_in) matrix of linear interpolation from x_in to x_out (inside)."""
+    from scipy.sparse import csr_matrix
+
     idx = np.clip(np.searchsorted(x_in, x_out) - 1, 0, x_in.size - 2)
     frac = (x_out - x_in[idx]) / (x_in[idx + 1] - x_in[idx])
-    matrix = np.zeros((x_out.size, x_in.size))
-    rows = np.arange(x_out.size)
-    matrix[rows, idx] = 1.0 - frac
-    matrix[rows, idx + 1] += frac
-    return matrix
+    rows = np.repeat(np.arange(x_out.size), 2)
+    cols = np.stack([idx, idx + 1], axis=1).ravel()
+    vals = np.stack([1.0 - frac, frac], axis=1).ravel()
+    return csr_matrix((vals, (rows, cols)), shape=(x_out.size, x_in.size))
+
+
+def _fine_grid(x_in: np.ndarray, lo: float, hi: float, step: float) -> np.ndarray:
+    """Uniform grid of ``step`` on [lo, hi] merged with the input samples inside it,
+    so the linear interpolant of the input is represented exactly."""
+    uniform = np.linspace(lo, hi, int(np.ceil((hi - lo) / step)) + 1)
+    inside = x_in[(x_in > lo) & (x_in < hi)]
+    return np.unique(np.concatenate([uniform, inside]))
 
 
 def _trapezoid_weights(x: np.ndarray) -> np.ndarray:
@@ -150,11 +159,24 @@ def iris_psf_matrix(wavelength: Any, grid: Any = None, fwhm: float = IRIS_NUV_FW
     reach = 0.5 * pixel + 6.0 * sigma
     lo = max(x_in[0], centres[0] - reach)
     hi = min(x_in[-1], centres[-1] + reach)
-    n_fine = int(np.ceil((hi - lo) / (sigma / 8.0))) + 1
-    fine = np.linspace(lo, hi, n_fine)
-    offset = fine[None, :] - centres[:, None]
+    from scipy.sparse import csr_matrix
+
+    fine = _fine_grid(x_in, lo, hi, sigma / 8.0)
+    # banded: each fine sample reaches the pixels within ``reach`` only
+    n_band = int(np.ceil(2.0 * reach / pixel)) + 2
+    first = np.searchsorted(centres, fine - reach)
+    cols = first[:, None] + np.arange(n_band)[None, :]
+    valid = cols < centres.size
+    cols = np.minimum(cols, centres.size - 1)
+    offset = fine[:, None] - centres[cols]
     kernel = (ndtr((offset + 0.5 * pixel) / sigma) - ndtr((offset - 0.5 * pixel) / sigma)) / pixel
-    return (kernel * _trapezoid_weights(fine)[None, :]) @ _interpolation_matrix(x_in, fine)
+    kernel = np.where(valid, kernel, 0.0) * _trapezoid_weights(fine)[:, None]
+    rows = np.broadcast_to(np.arange(fine.size)[:, None], cols.shape)
+    weighted = csr_matrix((kernel.ravel(), (cols.ravel(), rows.ravel())),
+                          shape=(centres.size, fine.size))
+    norm = np.asarray(weighted.sum(axis=1)).ravel()  # each pixel response integrates to 1
+    matrix = (weighted @ _interpolation_matrix(x_in, fine)).toarray()
+    return matrix / norm[:, None]
 
 
 def iris_degrade(wavelength: Any, intensity: Any, *, grid: Any = None,
@@ -423,11 +445,11 @@ def crisp_degrade(offset_aa: Any, intensity: Any, line: Line, positions: Any = N
     pos = crisp_positions(line) if positions is None else np.asarray(positions, dtype=float)
     if pos.min() < x_in[0] or pos.max() > x_in[-1]:
         raise ValueError("the input offsets must cover every CRISP position")
-    step = 0.004 if _crisp_line(line)["step"] > 0.15 else 0.005
-    fine = np.linspace(x_in[0], x_in[-1], int(np.ceil((x_in[-1] - x_in[0]) / step)) + 1)
+    fine = _fine_grid(x_in, x_in[0], x_in[-1], 0.004)
     kernel = crisp_transmission(fine[None, :] - pos[:, None], line) * _trapezoid_weights(fine)
     kernel /= kernel.sum(axis=1, keepdims=True)
-    return _apply(kernel @ _interpolation_matrix(x_in, fine), intensity, x_in.size)
+    matrix = np.asarray((_interpolation_matrix(x_in, fine).T @ kernel.T).T)
+    return _apply(matrix, intensity, x_in.size)
 
 
 def crisp_fwhm(line: Line) -> float:
