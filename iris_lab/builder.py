@@ -159,7 +159,8 @@ def run_chunks(tasks: Sequence[tuple[int, Any]], chunk_fn: Callable[[Any], Any],
                store: CheckpointStore, *, scheduler: str | None = None,
                workers: int | None = None, processes: bool = True,
                time_limit_s: float | None = None, progress: bool = True,
-               max_in_flight: int | None = None) -> BuildReport:
+               max_in_flight: int | None = None, allowed_failures: int = 1,
+               client: Any = None, max_chunks: int | None = None) -> BuildReport:
     """Run ``chunk_fn(payload)`` for every ``(chunk_id, payload)`` not in the store.
 
     Parameters
@@ -185,12 +186,15 @@ def run_chunks(tasks: Sequence[tuple[int, Any]], chunk_fn: Callable[[Any], Any],
     BuildReport
         Chunks done, failed (with the error), skipped (already in the store).
     """
+    import dask
     from dask.distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
     start = time.monotonic()
     done_before = store.done()
     todo = [(cid, payload) for cid, payload in tasks if cid not in done_before]
+    if max_chunks is not None:
+        todo = todo[:max_chunks]
     skipped = [cid for cid, _ in tasks if cid in done_before]
     report = BuildReport(done=[], failed={}, skipped=skipped, seconds=0.0, stopped_early=False)
     if not todo:
@@ -206,17 +210,22 @@ def run_chunks(tasks: Sequence[tuple[int, Any]], chunk_fn: Callable[[Any], Any],
         previous_handler = signal.signal(signal.SIGTERM, _terminate)
 
     cluster = None
-    if scheduler:
+    own_client = client is None
+    if client is not None:
+        pass
+    elif scheduler:
         client = Client(scheduler)
     else:
         n_workers = workers or os.cpu_count() or 1
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1,
-                               processes=processes, dashboard_address=None,
-                               env={"OMP_NUM_THREADS": "1"} if processes else None)
+        with dask.config.set({"distributed.scheduler.allowed-failures": allowed_failures}):
+            extra = {"env": {"OMP_NUM_THREADS": "1"}} if processes else {}
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1,
+                                   processes=processes, dashboard_address=None, **extra)
         client = Client(cluster)
     try:
         n_slots = sum(client.nthreads().values()) or 1
-        limit = max_in_flight or 2 * n_slots
+        # one chunk per worker slot: a worker that dies takes only its own chunk down
+        limit = max_in_flight or n_slots
         queue = list(todo)
         futures: dict[Any, int] = {}
         bar = tqdm(total=len(todo), disable=not progress, desc=f"chunks ({store.path.name})")
@@ -254,7 +263,8 @@ def run_chunks(tasks: Sequence[tuple[int, Any]], chunk_fn: Callable[[Any], Any],
         bar.close()
         report.stopped_early = bool(queue)
     finally:
-        client.close()
+        if own_client:
+            client.close()
         if cluster is not None:
             cluster.close()
         if previous_handler is not None:
@@ -568,7 +578,7 @@ def make_spec(kind: Kind, n: int, *, seed: int | None = None, chunk_size: int | 
         raise ValueError(f"kind must be 'mgii', 'mgii_heldout' or 'flare', not {kind!r}")
     if not isinstance(n, int | np.integer) or n < 1:
         raise ValueError(f"n must be a positive integer, not {n!r}")
-    default_chunk = FLARE_STEPS if kind == "flare" else 8
+    default_chunk = FLARE_STEPS if kind == "flare" else 4
     return {"kind": kind, "n": int(n), "seed": int(SEEDS[kind] if seed is None else seed),
             "chunk_size": int(chunk_size or default_chunk),
             "synth": synth or default_synth(kind),
@@ -846,6 +856,49 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
     if export_file and ckpt.done():
         export(ckpt, out, command=command)
     return out
+
+
+def build_interleaved(jobs: Sequence[tuple[str, dict[str, Any], str | Path, int]], *,
+                      workers: int = 1, scheduler: str | None = None,
+                      deadline: float | None = None, progress: bool = True) -> None:
+    """Build several stores on one cluster, alternating between them.
+
+    Parameters
+    ----------
+    jobs
+        ``(label, spec, store path, chunks per turn)``; each turn runs that
+        many chunks of the job, then passes on to the next job, until every
+        job is complete or ``deadline`` (a ``time.time()`` value) has passed.
+        A partial build thus holds data of every job.
+    """
+    from dask.distributed import Client, LocalCluster
+
+    prepared = []
+    for label, spec, store_path, per_turn in jobs:
+        fn = flare_chunk if spec["kind"] == "flare" else mgii_chunk
+        prepared.append((label, make_tasks(spec), fn, CheckpointStore(store_path, spec),
+                         per_turn))
+    cluster = None if scheduler else LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        env={"OMP_NUM_THREADS": "1"})
+    client = Client(scheduler or cluster)
+    try:
+        while deadline is None or time.time() < deadline:
+            busy = False
+            for label, tasks, fn, store, per_turn in prepared:
+                if deadline is not None and time.time() >= deadline:
+                    break
+                report = run_chunks(tasks, fn, store, client=client, max_chunks=per_turn,
+                                    progress=progress)
+                busy = busy or bool(report.done or report.failed)
+                store.log({"status": "turn", "job": label, "done": report.done,
+                           "failed": list(report.failed), "seconds": round(report.seconds, 1)})
+            if not busy:
+                break
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def iter_chunk_files(store: str | Path) -> Iterable[Path]:

@@ -1,0 +1,144 @@
+"""Resumable, fault-isolated database builds (iris_lab.builder).
+
+The chunk functions here are small numpy computations so that the tests
+exercise the dask scheduling, the checkpoint store and the fault handling in
+seconds; the Lightweaver chunk functions are exercised in ``test_nlte.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dask.distributed")
+
+from iris_lab.builder import CheckpointStore, make_spec, run_chunks  # noqa: E402
+
+CHUNK_MODULE = textwrap.dedent('''
+    import time
+
+    import numpy as np
+    import xarray as xr
+
+
+    def chunk(payload):
+        """Square the entry ids; entries listed in ``bad`` do not converge."""
+        time.sleep(payload.get("sleep", 0.0))
+        if payload.get("raise"):
+            raise RuntimeError("injected worker failure")
+        entries = np.asarray(payload["entries"])
+        converged = ~np.isin(entries, payload.get("bad", []))
+        value = np.where(converged, entries.astype(float) ** 2, np.nan)
+        return xr.Dataset({"value": ("entry", value), "converged": ("entry", converged)},
+                          coords={"entry": entries})
+''')
+
+
+@pytest.fixture()
+def chunk_module(tmp_path, monkeypatch):
+    (tmp_path / "fake_chunks.py").write_text(CHUNK_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import fake_chunks
+
+    return importlib.reload(fake_chunks)
+
+
+def _tasks(n_chunks: int, size: int = 3, **extra):
+    return [(c, {"entries": np.arange(c * size, (c + 1) * size), **extra})
+            for c in range(n_chunks)]
+
+
+def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path, chunk_module):
+    store_dir = tmp_path / "store"
+    spec = {"kind": "test", "n": 30}
+    script = textwrap.dedent(f'''
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import numpy as np
+        import fake_chunks
+        from iris_lab.builder import CheckpointStore, run_chunks
+        tasks = [(c, {{"entries": np.arange(3 * c, 3 * c + 3), "sleep": 0.4}})
+                 for c in range(10)]
+        run_chunks(tasks, fake_chunks.chunk, CheckpointStore({str(store_dir)!r}, {spec!r}),
+                   processes=False, workers=1, progress=False)
+    ''')
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if len(list(store_dir.glob("chunk_*.nc"))) >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # a hard kill: no clean-up runs
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = CheckpointStore(store_dir, spec).done()
+    assert 2 <= len(before) < 10, "the kill should have landed mid-build"
+
+    store = CheckpointStore(store_dir, spec)
+    report = run_chunks(_tasks(10), chunk_module.chunk, store, processes=False, workers=1,
+                        progress=False)
+    assert sorted(report.skipped) == sorted(before)
+    assert sorted(report.done) == sorted(set(range(10)) - before)
+    ds = store.load("entry")
+    np.testing.assert_array_equal(ds["entry"].values, np.arange(30))  # each entry once
+    np.testing.assert_array_equal(ds["value"].values, np.arange(30.0) ** 2)
+    # a third run has nothing left to do
+    again = run_chunks(_tasks(10), chunk_module.chunk, store, processes=False, workers=1,
+                       progress=False)
+    assert again.done == [] and len(again.skipped) == 10
+
+
+def test_faults_are_isolated(tmp_path, chunk_module):
+    store = CheckpointStore(tmp_path / "store", {"kind": "test"})
+    tasks = _tasks(6)
+    tasks[2] = (2, {**tasks[2][1], "raise": True})  # a worker that raises
+    tasks[4] = (4, {**tasks[4][1], "bad": [13]})  # an entry that does not converge
+    report = run_chunks(tasks, chunk_module.chunk, store, processes=False, workers=2,
+                        progress=False)
+    assert set(report.failed) == {2}
+    assert "injected worker failure" in report.failed[2]
+    assert sorted(report.done) == [0, 1, 3, 4, 5]
+    ds = store.load("entry")
+    assert 6 not in ds["entry"].values  # the failed chunk is absent, not half-written
+    assert int((~ds["converged"].values).sum()) == 1
+    assert bool(ds["converged"].sel(entry=13)) is False
+    np.testing.assert_array_equal(ds["value"].sel(entry=12).values, 144.0)
+    failures = store.failures()
+    assert [f["chunk"] for f in failures] == [2]
+    # the next run retries the failed chunk only
+    fixed = _tasks(6)
+    report = run_chunks(fixed, chunk_module.chunk, store, processes=False, workers=1,
+                        progress=False)
+    assert report.done == [2]
+    assert store.load("entry").sizes["entry"] == 18
+
+
+def test_store_refuses_another_build(tmp_path):
+    CheckpointStore(tmp_path / "s", {"kind": "mgii", "n": 10})
+    with pytest.raises(ValueError, match="another build"):
+        CheckpointStore(tmp_path / "s", {"kind": "mgii", "n": 20})
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert index["spec"] == {"kind": "mgii", "n": 10}
+
+
+def test_make_spec_validates():
+    with pytest.raises(ValueError, match="kind"):
+        make_spec("hydrogen", 10)
+    with pytest.raises(ValueError, match="n must"):
+        make_spec("mgii", 0)
+    spec = make_spec("flare", 40)
+    assert spec["chunk_size"] == 20 and spec["synth"]["problem"] == "halpha_ca8542"
