@@ -33,6 +33,9 @@ from pathlib import Path
 
 import pytest
 
+# two xdist workers on two cores: one BLAS/OpenMP thread each (kernels inherit it)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("IRIS_LAB_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
