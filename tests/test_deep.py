@@ -74,15 +74,16 @@ def as_raster(db: xr.Dataset, ny: int) -> xr.DataArray:
 
 
 def small_model(**kw) -> DeepIRIS2:
-    params = dict(hidden_sizes=(64, 64), emulator_hidden=(64,), dropout=0.0, lr=3e-3,
-                  max_epochs=60, patience=10, batch_size=64, seed=3, progress=False)
+    params = dict(hidden_sizes=(48, 48), emulator_hidden=(48,), dropout=0.0, lr=3e-3,
+                  max_epochs=50, patience=10, batch_size=64, seed=3, progress=False,
+                  n_components=32)
     params.update(kw)
     return DeepIRIS2(**params)
 
 
 @pytest.fixture(scope="module")
 def trained() -> DeepIRIS2:
-    return small_model().fit(toy_database(1500, seed=1))
+    return small_model().fit(toy_database(1000, seed=1))
 
 
 @pytest.fixture(scope="module")
