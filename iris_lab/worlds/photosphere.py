@@ -280,7 +280,7 @@ def synthesize_fov(atmosphere: Atmosphere, line_list: Any = "4015_4017",
     Returns
     -------
     xarray.Dataset
-        ``stokes`` (*batch, stokes, wavelength) normalised to the FAL-C
+        ``spectra`` (*batch, stokes, wavelength) normalised to the FAL-C
         quiet-Sun continuum at μ, ``clean`` (noise-free, PSF applied) and
         ``sigma`` (the noise σ, zeros when ``snr`` is None); coordinate
         ``wavelength`` (air, Å).
@@ -334,6 +334,6 @@ def synthesize_fov(atmosphere: Atmosphere, line_list: Any = "4015_4017",
              "continuum_intensity_units": "erg / (s cm2 sr Angstrom)"}
     coords = {"stokes": list("IQUV"), "wavelength": ("wavelength", wave, {"units": "Angstrom",
                                                                           "medium": "air"})}
-    return xr.Dataset({"stokes": (dims, noisy, attrs), "clean": (dims, clean, attrs),
+    return xr.Dataset({"spectra": (dims, noisy, attrs), "clean": (dims, clean, attrs),
                        "sigma": (dims, sigma, {"units": attrs["units"]})}, coords=coords,
                       attrs={"line_list": line_list if isinstance(line_list, str) else "custom"})
