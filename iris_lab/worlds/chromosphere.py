@@ -45,6 +45,7 @@ Example
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -271,9 +272,15 @@ def _interp_rows(x_new: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 # -- reference --------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _falc() -> Atmosphere:
+    """FAL-C, read once per process (treated as read-only)."""
+    return Atmosphere.reference("falc")
+
+
 def falc_column_mass(falc: Atmosphere | None = None) -> np.ndarray:
     """log10 column mass [g cm⁻²] of FAL-C: p_top / g plus ∫ρ dh (monotonic)."""
-    falc = falc if falc is not None else Atmosphere.reference("falc")
+    falc = falc if falc is not None else _falc()
     top = falc.p_gas[0] / GRAVITY
     dh = -np.diff(falc.height)
     m = top + np.concatenate([[0.0], np.cumsum(0.5 * (falc.rho[1:] + falc.rho[:-1]) * dh)])
@@ -322,7 +329,7 @@ def build_atmospheres(delta_t_nodes: np.ndarray, t_rel_nodes: np.ndarray, tr_shi
     Atmosphere
         Batch ``(n,)`` on FAL-C's 82 depth points, ``scale="height"``.
     """
-    falc = Atmosphere.reference("falc")
+    falc = _falc()
     log_m_ref = falc_column_mass(falc)
     log_tau_ref = falc.log_tau
     t_ref = falc.temperature
@@ -369,11 +376,12 @@ def _draw_family(family: Family, n: int, rng: np.random.Generator) -> dict[str, 
 
 
 def _chain_order(features: np.ndarray) -> np.ndarray:
-    """Greedy nearest-neighbour chain, starting from the member nearest the mean."""
+    """Greedy nearest-neighbour chain (Euclidean in ``features``), starting from the
+    member nearest the mean."""
     n = features.shape[0]
     if n <= 2:
         return np.arange(n)
-    z = (features - features.mean(0)) / (features.std(0) + 1e-12)
+    z = features - features.mean(0)
     order = np.empty(n, dtype=int)
     free = np.ones(n, dtype=bool)
     current = int(np.argmin(np.einsum("ij,ij->i", z, z)))
@@ -388,10 +396,12 @@ def _chain_order(features: np.ndarray) -> np.ndarray:
     return order
 
 
-def _features(params: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([params["delta_t_nodes"] / 1000.0, params["t_rel_nodes"],
-                           params["tr_shift"][:, None], params["v_nodes"] / _KM,
-                           params["vturb_log_nodes"], params["vturb_scale"][:, None]], axis=1)
+def _features(atm: Atmosphere) -> np.ndarray:
+    """What a warm start cares about: log T where lines form, flows, turbulence."""
+    chromosphere = slice(24, 70)  # FAL-C points from the TR base to the photosphere
+    return np.concatenate([np.log(atm.temperature[:, chromosphere]) / 0.02,
+                           atm.v_los[:, chromosphere][:, ::4] / 2.0e5,
+                           atm.v_turb[:, chromosphere][:, ::4] / 2.0e5], axis=1)
 
 
 def sample_mgii_parameters(n: int, *, seed: int,
@@ -419,7 +429,7 @@ def sample_mgii_parameters(n: int, *, seed: int,
         if count == 0:
             continue
         params = _draw_family(FAMILIES[name], count, rng)
-        order = _chain_order(_features(params))
+        order = _chain_order(_features(build_atmospheres(**params)))
         blocks.append({k: v[order] for k, v in params.items()})
         labels.append(np.full(count, name, dtype="<U12"))
     joined = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}

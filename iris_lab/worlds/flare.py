@@ -63,6 +63,7 @@ from iris_lab.worlds.chromosphere import (
     GRAVITY,
     K_B,
     MASS_PER_H,
+    _falc,
     _interp_rows,
     falc_column_mass,
     rescaled_ionisation,
@@ -178,7 +179,7 @@ def beam_heating_per_column(column: np.ndarray, flux: np.ndarray, e_cut_kev: np.
 
 def _preflare(n_fine: int = _N_FINE) -> dict[str, np.ndarray]:
     """FAL-C below its transition region on a fine column-mass grid."""
-    falc = Atmosphere.reference("falc")
+    falc = _falc()
     log_m_falc = falc_column_mass(falc)
     keep = falc.temperature <= 2.0e4
     lm, t = log_m_falc[keep], falc.temperature[keep]
