@@ -565,10 +565,11 @@ def default_synth(kind: Kind) -> dict[str, Any]:
     if kind == "flare":
         return {"problem": "halpha_ca8542", "prd": False, "n_rays": 3, "mu": 1.0,
                 "mgii_atom": "full", "electrons": "given", "hydrostatic": False,
-                "max_iter": 300, "j_tol": 5e-3, "pops_tol": 1e-3, "ng": True, "step_aa": 0.01}
+                "max_iter": 300, "j_tol": 5e-3, "pops_tol": 1e-3, "ng": True, "step_aa": 0.01,
+                "t_max": None, "retry": True}
     return {"problem": "mgii", "prd": True, "n_rays": 3, "mu": 1.0, "mgii_atom": "full",
             "electrons": "given", "hydrostatic": False, "max_iter": 300, "j_tol": 5e-3,
-            "pops_tol": 1e-3, "ng": True, "step_aa": 0.01}
+            "pops_tol": 1e-3, "ng": True, "step_aa": 0.01, "t_max": None, "retry": True}
 
 
 def make_spec(kind: Kind, n: int, *, seed: int | None = None, chunk_size: int | None = None,

@@ -153,6 +153,17 @@ class NLTESynthesizer:
         Ng acceleration of the populations (order 3, period 5, delay 15).
     step_aa
         Sampling of the output spectra [Å].
+    t_max
+        If given, the depth points above the last point (from the top) hotter
+        than ``t_max`` are left out of the radiative transfer: the optically
+        thin corona of flare models, whose MK temperatures make the
+        statistical-equilibrium matrices singular, contributes nothing
+        measurable to Hα and Ca II 8542. ``log_tau500`` is NaN there.
+    retry
+        A failed solve is retried from a cold (LTE) start and then with 5 rays
+        (Lightweaver's matrices occasionally become singular for steep flare
+        transition regions with few rays or a distant warm start); the
+        retries are named in ``message``.
 
     Example
     -------
@@ -165,7 +176,8 @@ class NLTESynthesizer:
                  mu: float = 1.0, mgii_atom: Literal["full", "hk"] = "full",
                  electrons: Literal["given", "lte", "nlte"] = "given",
                  hydrostatic: bool = False, max_iter: int = 400, j_tol: float = 5e-3,
-                 pops_tol: float = 1e-3, ng: bool = True, step_aa: float = 0.01) -> None:
+                 pops_tol: float = 1e-3, ng: bool = True, step_aa: float = 0.01,
+                 t_max: float | None = None, retry: bool = True) -> None:
         if problem not in ("mgii", "halpha_ca8542"):
             raise ValueError(f"problem must be 'mgii' or 'halpha_ca8542', not {problem!r}")
         if mgii_atom not in ("full", "hk"):
@@ -188,6 +200,8 @@ class NLTESynthesizer:
         self.pops_tol = float(pops_tol)
         self.ng = bool(ng)
         self.step_aa = float(step_aa)
+        self.t_max = None if t_max is None else float(t_max)
+        self.retry = bool(retry)
 
     # -- description ------------------------------------------------------
     @property
@@ -220,6 +234,8 @@ class NLTESynthesizer:
             "hydrostatic": str(self.hydrostatic),
             "tolerances": f"JTol={self.j_tol}, popsTol={self.pops_tol}, max_iter={self.max_iter}"
                           f", ng={self.ng}",
+            "t_max": "none" if self.t_max is None else
+                     f"points above the last one hotter than {self.t_max:g} K left out",
         }
 
     def get_params(self) -> dict[str, Any]:
@@ -228,7 +244,7 @@ class NLTESynthesizer:
                 "mu": self.mu, "mgii_atom": self.mgii_atom, "electrons": self.electrons,
                 "hydrostatic": self.hydrostatic, "max_iter": self.max_iter,
                 "j_tol": self.j_tol, "pops_tol": self.pops_tol, "ng": self.ng,
-                "step_aa": self.step_aa}
+                "step_aa": self.step_aa, "t_max": self.t_max, "retry": self.retry}
 
     # -- Lightweaver set-up ---------------------------------------------------
     def _radiative_set(self):
@@ -313,10 +329,29 @@ class NLTESynthesizer:
         if atmosphere.batch_shape:
             raise ValueError("solve() takes one atmosphere; use synthesize() for a batch")
         start = time.perf_counter()
+        attempts = [(warm_start, self.n_rays)]
+        if self.retry:
+            if warm_start is not None:
+                attempts.append((None, self.n_rays))
+            if self.n_rays < 5:
+                attempts.append((None, 5))
+        messages = []
+        for number, (start_from, n_rays) in enumerate(attempts):
+            sol = self._attempt(atmosphere, start_from, n_rays, start)
+            if sol.converged:
+                if number:
+                    sol.message = f"converged on retry {number} ({'; '.join(messages)})"
+                return sol
+            messages.append(sol.message)
+        sol.message = "; ".join(messages)
+        return sol
+
+    def _attempt(self, atmosphere: Atmosphere, warm_start: NLTESolution | None, n_rays: int,
+                 start: float) -> NLTESolution:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return self._solve(atmosphere, warm_start, start)
+                return self._solve(atmosphere, warm_start, start, n_rays)
         except ValueError as err:
             if "needs" in str(err) or "is needed" in str(err):
                 raise
@@ -329,13 +364,25 @@ class NLTESynthesizer:
                             seconds=time.perf_counter() - start, message=message,
                             log_tau500=None, populations=None, n_e=None)
 
-    def _solve(self, atm: Atmosphere, warm_start: NLTESolution | None,
-               start: float) -> NLTESolution:
+    def _top_index(self, atm: Atmosphere) -> int:
+        if self.t_max is None:
+            return 0
+        hot = np.flatnonzero(atm.temperature > self.t_max)
+        top = int(hot[-1]) + 1 if hot.size else 0
+        if atm.n_depth - top < 10:
+            raise ValueError(f"fewer than 10 depth points are cooler than t_max={self.t_max:g} K")
+        return top
+
+    def _solve(self, full: Atmosphere, warm_start: NLTESolution | None,
+               start: float, n_rays: int) -> NLTESolution:
         import lightweaver as lw
 
+        top = self._top_index(full)
+        atm = full if top == 0 else Atmosphere(
+            **{k: v[top:] for k, v in full.fields().items()}, scale=full.scale)
         rad_set = self._radiative_set()
         lw_atmos = self._lw_atmosphere(atm)
-        lw_atmos.quadrature(self.n_rays)
+        lw_atmos.quadrature(n_rays)
         spect = rad_set.compute_wavelength_grid(extraWavelengths=np.array([500.0]))
         starting = None
         if (warm_start is not None and warm_start.converged and warm_start.populations
@@ -371,11 +418,18 @@ class NLTESynthesizer:
             converged, message = False, f"non-finite values in {', '.join(bad)}"
 
         log_tau = self._log_tau500(ctx, spect, lw_atmos)
+        n_e = np.asarray(lw_atmos.ne) * 1e-6
+        height = np.asarray(lw_atmos.height) * 100.0
+        if top:
+            pad = np.full(top, np.nan)
+            log_tau = np.concatenate([pad, log_tau])
+            n_e = np.concatenate([full.n_e[:top] if full.n_e is not None else pad, n_e])
+            height = np.concatenate([full.height[:top] if full.height is not None else pad,
+                                     height])
         return NLTESolution(
             spectra=spectra, converged=bool(converged), iterations=int(iterations) + 1,
             seconds=time.perf_counter() - start, message=message, log_tau500=log_tau,
-            populations=populations if converged else None,
-            n_e=np.asarray(lw_atmos.ne) * 1e-6, height=np.asarray(lw_atmos.height) * 100.0)
+            populations=populations if converged else None, n_e=n_e, height=height)
 
     def _data_array(self, name: str, wl_aa: np.ndarray, centre_aa: float, values: np.ndarray):
         import xarray as xr
