@@ -151,9 +151,14 @@ def test_bad_pixels_are_flagged_not_silent(trained, heldout):
     assert q[0, 2] & 2
     assert q[0, 3] & (4 | 16)  # high χ² or out of range
     assert (q[1] == 0).all()
+    # a masked-sample coordinate (True = missing) is honoured like NaN
+    mask = np.zeros(raster.shape, dtype=bool)
+    mask[1, 0, :300] = True
+    q = trained.predict(raster.assign_coords(mask=(raster.dims, mask)))["quality"].values
+    assert q[1, 0] == 1 and q[1, 1] == 0
     with pytest.raises(ValueError, match="units"):
         trained.predict(raster.assign_attrs(units="W/m2"))
-    with pytest.raises(ValueError, match="misses"):
+    with pytest.raises(ValueError, match="Mg II"):
         trained.predict(raster.assign_coords(wavelength=WAVELENGTH + 20.0))
     with pytest.raises(ValueError, match="dims"):
         trained.predict(raster.isel(y=0))

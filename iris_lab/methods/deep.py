@@ -74,7 +74,6 @@ FLAG_MEANINGS: tuple[str, ...] = ("masked", "low_signal", "high_chi2", "partly_m
 FLAG_MASKS: tuple[int, ...] = (1, 2, 4, 8, 16)
 FILE_FORMAT = "iris_lab.deepiris2"
 FILE_VERSION = "1"
-INTENSITY_UNITS = "erg / (s cm2 sr Angstrom)"
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "deepiris2.safetensors"
 _CHECKPOINT_NAME = "deepiris2_checkpoint.pt"
 # Fraction of masked samples above which a pixel gets no prediction.
@@ -577,37 +576,15 @@ class DeepIRIS2:
         return {"values": values, "log_sigma": out[n_q:].transpose(0, 1), "chi2": chi2}
 
     def _raster_intensity(self, raster: xr.DataArray) -> np.ndarray:
-        """The raster's intensity on the training wavelength grid, CGS, NaN where masked."""
-        units = str(raster.attrs.get("units", "")).strip()
-        data = np.asarray(raster.values)
-        if not np.issubdtype(data.dtype, np.floating):
-            data = data.astype(np.float64)
-        if units == "DN/s":
-            from iris_lab.instrument import iris_dn_to_intensity
+        """The raster's intensity on the training grid, CGS, NaN where masked.
 
-            data = np.asarray(iris_dn_to_intensity(data), dtype=np.float64)
-        elif units.replace(" ", "") != INTENSITY_UNITS.replace(" ", ""):
-            raise ValueError(f"raster units {units!r} not understood: expected 'DN/s' or "
-                             f"{INTENSITY_UNITS!r} in attrs['units']")
-        wl = np.asarray(raster["wavelength"].values, dtype=np.float64)
-        if wl.shape == self.wavelength_.shape and np.allclose(wl, self.wavelength_, atol=1e-4):
-            return data
-        if wl.size < 2 or np.any(np.diff(wl) <= 0):
-            raise ValueError("raster wavelengths must increase monotonically")
-        inside = (self.wavelength_ >= wl[0] - 1e-6) & (self.wavelength_ <= wl[-1] + 1e-6)
-        if inside.mean() < 0.95:
-            raise ValueError(
-                f"raster covers {wl[0]:.2f}-{wl[-1]:.2f} Å, which misses "
-                f"{100 * (1 - inside.mean()):.0f}% of the Mg II h&k window "
-                f"{self.wavelength_[0]:.2f}-{self.wavelength_[-1]:.2f} Å")
-        # Linear interpolation onto the training grid, batched over pixels;
-        # points outside the raster's range become masked (NaN).
-        hi = np.clip(np.searchsorted(wl, self.wavelength_), 1, wl.size - 1)
-        lo = hi - 1
-        w = (self.wavelength_ - wl[lo]) / (wl[hi] - wl[lo])
-        out = data[..., lo] * (1 - w) + data[..., hi] * w
-        out[..., ~inside] = np.nan
-        return out
+        The same conversion as the IRIS² look-up (DN/s → intensity, ``mask``
+        coordinate, linear interpolation from other grids), so that both
+        methods see identical inputs.
+        """
+        from iris_lab.methods.iris2 import raster_on_grid
+
+        return raster_on_grid(raster, self.wavelength_)
 
     def predict(self, raster: xr.DataArray) -> xr.Dataset:
         """Stratifications and σ for every pixel of a Mg II h&k raster.
@@ -618,8 +595,9 @@ class DeepIRIS2:
             ``xarray.DataArray`` with dims (y, x, wavelength) (or (y, time,
             wavelength) for a sit-and-stare), a vacuum ``wavelength`` coordinate
             in Å, ``attrs["units"]`` "DN/s" or "erg / (s cm2 sr Angstrom)", and
-            NaN at masked samples. Other wavelength grids covering the Mg II
-            window are interpolated linearly onto the training grid.
+            NaN (or a True ``mask`` coordinate) at masked samples. Other
+            wavelength grids are interpolated linearly onto the training grid
+            (:func:`iris_lab.methods.iris2.raster_on_grid`, as the look-up does).
 
         Returns
         -------
@@ -666,13 +644,12 @@ class DeepIRIS2:
                 x = torch.where(finite, x, 0.0)  # masked sample → training mean
                 far = (x.abs() > _OUT_OF_RANGE_Z).to(torch.float32).mean(1)
                 res = self._forward(x, None if bool(finite.all()) else finite)
-                flags = ((masked_fraction > _MASKED_FRACTION).to(torch.uint8)
-                         | ((masked_fraction > 0) & (masked_fraction <= _MASKED_FRACTION)
-                            ).to(torch.uint8) * 8
+                dead = masked_fraction > _MASKED_FRACTION
+                flags = (dead.to(torch.uint8)
+                         | ((masked_fraction > 0) & ~dead).to(torch.uint8) * 8
                          | (peak < n["signal_floor"]).to(torch.uint8) * 2
-                         | (far > _OUT_OF_RANGE_FRACTION).to(torch.uint8) * 16
-                         | (res["chi2"] > self.chi2_threshold_).to(torch.uint8) * 4)
-                dead = (flags & 1).bool()
+                         | ((far > _OUT_OF_RANGE_FRACTION) & ~dead).to(torch.uint8) * 16
+                         | ((res["chi2"] > self.chi2_threshold_) & ~dead).to(torch.uint8) * 4)
                 phys = res["values"] * n["target_std"] + n["target_mean"]
                 phys[dead] = torch.nan
                 sig = 10.0 ** (res["log_sigma"] * n["sigma_std"] + n["sigma_mean"])
