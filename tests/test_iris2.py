@@ -43,7 +43,7 @@ def noisy(db):
 def test_pruned_search_equals_brute_force(db, noisy):
     w = np.ones(db.sizes["wavelength"])
     w[100:160] = 4.0
-    search = NearestProfileSearch(db.profile.values, w, chunk_size=128)
+    search = NearestProfileSearch(db.profile.values, w, block_size=128)
     idx, dist = search.query(noisy)
     ref_idx, ref_dist = brute_force_nearest(noisy, db.profile.values, w)
     np.testing.assert_array_equal(idx, ref_idx)

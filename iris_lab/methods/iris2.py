@@ -36,6 +36,7 @@ Example
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -247,7 +248,9 @@ def raster_on_grid(raster: xr.DataArray, wavelength: np.ndarray) -> np.ndarray:
     [[[1.0, nan]]]
     """
     units = str(raster.attrs.get("units", "")).strip()
-    data = np.asarray(raster.values, dtype=np.float64)
+    data = np.asarray(raster.values)
+    if data.dtype not in (np.float32, np.float64):
+        data = data.astype(np.float64)
     wl = np.asarray(raster["wavelength"].values, dtype=np.float64)
     if units == "DN/s":
         from iris_lab.instrument import iris_dn_to_intensity
@@ -275,10 +278,10 @@ def raster_on_grid(raster: xr.DataArray, wavelength: np.ndarray) -> np.ndarray:
     return out
 
 
-def _lookup_block(profiles: np.ndarray, database: np.ndarray, weights: np.ndarray,
-                  n_components: int | None, chunk_size: int, device: str
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _lookup_block(model: IRIS2, profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact best index and χ² for (n, n_λ) profiles with NaN at masked samples."""
+    database, weights = model._profiles, model.weights_
+    profiles = np.asarray(profiles, dtype=np.float64)
     n = len(profiles)
     index = np.full(n, -1, dtype=np.int64)
     chi2 = np.full(n, np.nan, dtype=np.float64)
@@ -298,11 +301,8 @@ def _lookup_block(profiles: np.ndarray, database: np.ndarray, weights: np.ndarra
         if len(members) < _MIN_GROUP and len(patterns) > 1:
             small.append(members)
             continue
-        w_g = weights * valid[members[0]]
         obs = np.where(valid[members], profiles[members], 0.0)
-        search = NearestProfileSearch(database, w_g, n_components=n_components,
-                                      chunk_size=chunk_size, device=device)
-        index[members], _ = search.query(obs)
+        index[members], _ = model._search(weights * valid[members[0]]).query(obs)
     if small:
         members = np.concatenate(small)
         obs = np.where(valid[members], profiles[members], 0.0)
@@ -334,7 +334,8 @@ class IRIS2:
     n_components
         Projection basis of the exact search (default: automatic).
     chunk_size
-        Pixels per search block (memory ≈ chunk_size × entries × 5 bytes).
+        Pixels per dense block of the search (memory ≈ chunk_size × entries × 5
+        bytes at worst).
     device
         torch device of the search.
 
@@ -407,8 +408,19 @@ class IRIS2:
     def lookup(self, intensity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact best index and χ² for (n, n_λ) intensities on the database grid (NaN = masked)."""
         self._check_fitted()
-        return _lookup_block(np.asarray(intensity, dtype=np.float64), self._profiles,
-                             self.weights_, self.n_components, self.chunk_size, self.device)
+        return _lookup_block(self, np.asarray(intensity, dtype=np.float64))
+
+    def _search(self, weights: np.ndarray) -> NearestProfileSearch:
+        """The exact search for one weight vector (cached per weight pattern)."""
+        key = np.asarray(weights, dtype=np.float64).tobytes()
+        cache = self.__dict__.setdefault("_searches", {})
+        if key not in cache:
+            if len(cache) > 16:
+                cache.clear()
+            cache[key] = NearestProfileSearch(self._profiles, weights,
+                                              n_components=self.n_components,
+                                              block_size=self.chunk_size, device=self.device)
+        return cache[key]
 
     # -------------------------------------------------------------- predict
     def predict(self, raster: xr.DataArray, *, client: Any = None, n_chunks: int | None = None,
@@ -457,15 +469,14 @@ class IRIS2:
         n_chunks = max(1, int(n_chunks) if n_chunks else -(-n // 20000))
         bounds = np.linspace(0, n, n_chunks + 1).astype(int)
         pieces = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-        args = (self._profiles, self.weights_, self.n_components, self.chunk_size, self.device)
         if client is None:
             from tqdm.auto import tqdm
 
-            results = [_lookup_block(p, *args)
+            results = [_lookup_block(self, p)
                        for p in tqdm(pieces, disable=not progress, desc="IRIS2 look-up",
                                      unit="chunk")]
         else:
-            results = _dask_map(pieces, args, client, progress)
+            results = _dask_map(pieces, self, client, progress)
         index = np.concatenate([r[0] for r in results]) if results else np.empty(0, np.int64)
         chi2 = np.concatenate([r[1] for r in results]) if results else np.empty(0)
         return index, chi2
@@ -474,12 +485,14 @@ class IRIS2:
                 chi2: np.ndarray, shape2: tuple[int, int], method: str) -> xr.Dataset:
         db = self.database_
         valid = np.isfinite(flat)
-        frac = 1.0 - (self.weights_ * valid).sum(1) / self.weights_.sum()
+        frac = 1.0 - (valid @ self.weights_) / self.weights_.sum()
+        del valid
         quality = np.zeros(len(flat), dtype=np.uint8)
         quality[frac > _MASKED_FRACTION] |= 1
         quality[(frac > 0) & (frac <= _MASKED_FRACTION)] |= 8
-        with np.errstate(invalid="ignore"):
-            peak = np.where(valid, flat, -np.inf).max(1)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            peak = np.nan_to_num(np.fmax.reduce(flat, axis=1), nan=-np.inf)
         quality[(peak < self.min_signal_) & ~(quality & 1).astype(bool)] |= 2
         quality[np.nan_to_num(chi2, nan=-1.0) > self.chi2_threshold] |= 4
         spatial = raster.dims[:2]
@@ -542,7 +555,7 @@ class IRIS2:
         return cls(**params, device=device).fit(db)
 
 
-def _dask_map(pieces: list[np.ndarray], args: tuple, client: Any, progress: bool) -> list:
+def _dask_map(pieces: list[np.ndarray], model: IRIS2, client: Any, progress: bool) -> list:
     from dask.distributed import Client, LocalCluster, as_completed
 
     own = None
@@ -555,9 +568,8 @@ def _dask_map(pieces: list[np.ndarray], args: tuple, client: Any, progress: bool
             own = (Client(client), None)
         client = own[0]
     try:
-        shared = client.scatter(list(args[:2]), broadcast=True)
-        futures = [client.submit(_lookup_block, p, shared[0], shared[1], *args[2:],
-                                 pure=False) for p in pieces]
+        shared = client.scatter(model, broadcast=True)
+        futures = [client.submit(_lookup_block, shared, p, pure=False) for p in pieces]
         if progress:
             from tqdm.auto import tqdm
 

@@ -59,6 +59,8 @@ class RepresentativeProfiles:
     labels_ : xarray.DataArray
         (y, x) RP index of every pixel of the fitted raster (−1: masked).
     inertia_ : float
+    n_iter_ : int
+        Lloyd iterations run.
 
     Example
     -------
@@ -102,6 +104,7 @@ class RepresentativeProfiles:
                                     attrs={"units": units}, name="rp_spread")
         self.counts_ = counts
         self.inertia_ = float(km.inertia_)
+        self.n_iter_ = int(km.n_iter_)
         self.labels_ = self.predict(raster)
         return self
 

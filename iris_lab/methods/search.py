@@ -9,18 +9,25 @@ exactly,
 
     ‖o' - d'‖² = ‖a - b‖² + ‖r_o - r_d‖² ≥ ‖a - b‖² + (‖r_o‖ - ‖r_d‖)²  = LB,
 
-so the lower bound ``LB`` is the Euclidean distance between the augmented
-vectors ``[a, ‖r_o‖]`` and ``[b, ‖r_d‖]`` — one small matrix product
-(``k + 1`` instead of ``n_λ`` inner dimensions) for all pixel–entry pairs. Each
-pixel's entry of smallest ``LB`` gives an upper bound ``U`` on the best distance
-(evaluated exactly); only entries with ``LB ≤ U`` can win and only those are
-evaluated exactly in float64. The result is the same entry a brute-force search
+so the lower bound ``LB`` is the squared Euclidean distance between the
+augmented vectors ``ã = [a, ‖r_o‖]`` and ``b̃ = [b, ‖r_d‖]`` (``k + 1``
+dimensions instead of ``n_λ``).
+
+The entries are grouped by k-means in that augmented space (about √N groups,
+centre ``c_g``, radius ``R_g``). By the triangle inequality every member of
+group ``g`` has ``√LB ≥ ‖ã − c_g‖ − R_g``. Pixels are processed by their
+nearest group: the best-``LB`` member of that group, evaluated exactly, gives
+an upper bound ``U`` on the pixel's best distance; groups whose bound exceeds
+``U`` are skipped whole; in the remaining groups only entries with ``LB ≤ U``
+are evaluated exactly in float64. The result is the entry a brute-force search
 finds (ties resolved to the smallest index, as ``argmin``).
 
-Floating point: ``LB`` is computed in float32; its rounding error is bounded by
-``(k + 3) ε₃₂ (‖ã‖² + ‖b̃‖²)`` (ε₃₂ = 2⁻²³; standard bound for a dot product of
-length k + 3 plus the two norms), and candidates are kept up to four times that
-slack, so no true winner is pruned by rounding.
+Floating point: ``LB`` is one float32 matrix product of ``[ã, ‖ã‖², 1]`` and
+``[−2 b̃, 1, ‖b̃‖²]``; its rounding error is below
+``2 (k + 3) ε₃₂ (‖ã‖² + ‖b̃‖²)`` (ε₃₂ = 2⁻²³, the standard bound for a dot
+product of length k + 3); candidates are kept up to four times that slack, and
+the group bounds are computed in float64 with the same slack, so no true winner
+is pruned by rounding.
 
 Example
 -------
@@ -105,18 +112,22 @@ class NearestProfileSearch:
     n_components
         Size of the projection basis; default: the smallest number of principal
         directions leaving at most 10⁻⁵ of the database's weighted variance in
-        the residual (capped at 48).
-    chunk_size
-        Pixels per block; memory ~ ``chunk_size × n_entries × 5`` bytes.
+        the residual (between 4 and 48).
+    n_groups
+        Entry groups of the coarse bound (default ≈ √n_entries, at most 256).
+    block_size
+        Pixels per dense block (memory ≈ block_size × entries × 5 bytes at worst).
     device
         torch device of the bound computation.
+    random_state
+        Seed of the grouping (the result does not depend on it).
 
     Attributes
     ----------
-    n_components_ : int
+    n_components_, n_groups_ : int
     stats_ : dict
-        ``candidates`` (exactly evaluated pairs) and ``pixels`` of the last
-        queries, to judge the pruning.
+        ``candidates`` (exactly evaluated pairs), ``bound_pairs`` (pairs whose
+        ``LB`` was computed) and ``pixels`` of the queries so far.
 
     Example
     -------
@@ -126,8 +137,9 @@ class NearestProfileSearch:
     """
 
     def __init__(self, database: np.ndarray, weights: np.ndarray, *,
-                 n_components: int | None = None, chunk_size: int = 2048,
-                 device: str | torch.device = "cpu") -> None:
+                 n_components: int | None = None, n_groups: int | None = None,
+                 block_size: int = 4096, device: str | torch.device = "cpu",
+                 random_state: int = 0) -> None:
         db = np.asarray(database, dtype=np.float64)
         w = np.asarray(weights, dtype=np.float64)
         if db.ndim != 2 or w.shape != (db.shape[1],):
@@ -137,97 +149,159 @@ class NearestProfileSearch:
         if (w < 0).any() or not np.isfinite(w).all() or not (w > 0).any():
             raise ValueError("weights must be finite, non-negative and not all zero")
         self.device = torch.device(device)
-        self.chunk_size = int(chunk_size)
+        self.block_size = int(block_size)
         keep = w > 0
         self._keep = keep
         self._scale = np.sqrt(w[keep])
         scaled = db[:, keep] * self._scale
         self._mean = scaled.mean(0)
         centred = scaled - self._mean
-        _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+        # principal directions from the (n_λ × n_λ) scatter matrix: orthonormal in float64
+        evals, evecs = np.linalg.eigh(centred.T @ centred)
+        evals, evecs = np.clip(evals[::-1], 0.0, None), evecs[:, ::-1]
         if n_components is None:
-            energy = sv**2
-            left = 1.0 - np.cumsum(energy) / max(energy.sum(), 1e-300)
+            left = 1.0 - np.cumsum(evals) / max(evals.sum(), 1e-300)
             n_components = int(np.searchsorted(-left, -1e-5) + 1)
-            n_components = int(min(max(n_components, 4), 48, vt.shape[0]))
-        self.n_components_ = int(min(n_components, vt.shape[0]))
-        self._basis = np.ascontiguousarray(vt[: self.n_components_].T)  # (n_λ', k)
-        b, rd = self._project(centred)
-        self._db64 = torch.as_tensor(scaled, device=self.device)
-        aug = np.concatenate([b, rd[:, None]], axis=1)
-        self._db_aug = torch.as_tensor(aug, dtype=torch.float32, device=self.device)
+            n_components = int(min(max(n_components, 4), 48))
+        self.n_components_ = int(min(n_components, evecs.shape[1]))
+        self._basis = np.ascontiguousarray(evecs[:, : self.n_components_])
+        aug = self._augment(centred)
+        n = len(db)
+        if n_groups is None:
+            n_groups = int(min(256, max(1, round(np.sqrt(n)))))
+        n_groups = int(max(1, min(n_groups, n)))
+        if n_groups > 1:
+            from sklearn.cluster import KMeans
+
+            labels = KMeans(n_clusters=n_groups, n_init=1, max_iter=20,
+                            random_state=random_state).fit(aug).labels_
+        else:
+            labels = np.zeros(n, dtype=np.int64)
+        present = np.unique(labels)
+        self.n_groups_ = len(present)
+        self._members = [np.flatnonzero(labels == g) for g in present]
+        self._centres = np.stack([aug[m].mean(0) for m in self._members])
+        self._radius = np.array([np.sqrt(((aug[m] - c) ** 2).sum(1)).max()
+                                 for m, c in zip(self._members, self._centres, strict=True)])
+        self._group_of = np.empty(n, dtype=np.int64)
+        for g, m in enumerate(self._members):
+            self._group_of[m] = g
         nb = (aug**2).sum(1)
-        self._db_norm = torch.as_tensor(nb, dtype=torch.float32, device=self.device)
         self._db_norm_max = float(nb.max())
-        self.stats_: dict[str, int] = {"candidates": 0, "pixels": 0}
+        ext = np.concatenate([-2.0 * aug, np.ones((n, 1)), nb[:, None]], axis=1)
+        self._db_ext = torch.as_tensor(ext, dtype=torch.float32, device=self.device)
+        self._db64 = torch.as_tensor(scaled, device=self.device)
+        self._db_max_norm = float((scaled**2).sum(1).max())
+        self.stats_: dict[str, int] = {"candidates": 0, "bound_pairs": 0, "pixels": 0}
 
-    def _project(self, centred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _augment(self, centred: np.ndarray) -> np.ndarray:
         coef = centred @ self._basis
-        resid = centred - coef @ self._basis.T
-        return coef, np.sqrt((resid**2).sum(1))
+        # ‖r‖² = ‖x‖² − ‖a‖² (float64; its rounding, ~1e-16 ‖x‖², is far inside the slack)
+        r2 = np.einsum("ij,ij->i", centred, centred) - np.einsum("ij,ij->i", coef, coef)
+        return np.concatenate([coef, np.sqrt(np.clip(r2, 0.0, None))[:, None]], axis=1)
 
-    def query(self, profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def query(self, profiles: np.ndarray, *, chunk_size: int = 65536
+              ) -> tuple[np.ndarray, np.ndarray]:
         """Best database index and weighted distance ``Σ w (o - d)²`` for each profile.
 
         Parameters
         ----------
         profiles
             (n, n_λ) finite observed profiles on the database grid.
+        chunk_size
+            Pixels prepared at a time (float64 copies of that many profiles).
 
         Returns
         -------
         index, distance
             (n,) int64 and (n,) float64.
         """
-        q = np.asarray(profiles, dtype=np.float64)
+        q = np.asarray(profiles)
         if q.ndim != 2 or q.shape[1] != self._keep.size:
             raise ValueError(f"profiles must be (n, {self._keep.size}), got {q.shape}")
         index = np.empty(len(q), dtype=np.int64)
         dist = np.empty(len(q), dtype=np.float64)
-        for start in range(0, len(q), self.chunk_size):
-            sl = slice(start, start + self.chunk_size)
-            index[sl], dist[sl] = self._query_chunk(q[sl])
+        for start in range(0, len(q), chunk_size):
+            sl = slice(start, start + chunk_size)
+            index[sl], dist[sl] = self._query_chunk(np.asarray(q[sl], dtype=np.float64))
         return index, dist
+
+    def _bound(self, a_ext: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+        b = self._db_ext if cols is None else self._db_ext[cols]
+        return a_ext @ b.T
 
     def _query_chunk(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dev = self.device
         scaled = q[:, self._keep] * self._scale
-        a, ro = self._project(scaled - self._mean)
-        aug = np.concatenate([a, ro[:, None]], axis=1)
+        aug = self._augment(scaled - self._mean)
         na = (aug**2).sum(1)
-        a32 = torch.as_tensor(aug, dtype=torch.float32, device=dev)
-        na32 = torch.as_tensor(na, dtype=torch.float32, device=dev)
-        # LB = |ã|² + |b̃|² − 2 ã·b̃ : one GEMM with the entry norms as the bias
-        lb = torch.addmm(self._db_norm[None, :], a32, self._db_aug.T, alpha=-2.0)
-        lb.add_(na32[:, None])
-        first = torch.argmin(lb, dim=1)
+        n = len(q)
+        a_ext = torch.as_tensor(np.concatenate([aug, na[:, None], np.ones((n, 1))], axis=1),
+                                dtype=torch.float32, device=dev)
         q64 = torch.as_tensor(scaled, device=dev)
-        upper = ((q64 - self._db64[first]) ** 2).sum(1)
-        k3 = self.n_components_ + 3
-        slack = 4.0 * k3 * _EPS32 * (torch.as_tensor(na, device=dev) + self._db_norm_max)
-        threshold = (upper + slack).to(torch.float32)
-        lb.sub_(threshold[:, None])
-        pix, ent = torch.nonzero(lb <= 0, as_tuple=True)
+        slack = 8.0 * (self.n_components_ + 3) * _EPS32 * (na + self._db_norm_max)
+        # distance of every pixel to every group centre (float64, small)
+        cen = self._centres
+        d2 = na[:, None] + (cen**2).sum(1)[None] - 2.0 * aug @ cen.T
+        dist_c = np.sqrt(np.clip(d2, 0.0, None))
+        nearest = np.argmin(dist_c, axis=1)
+        order = np.argsort(nearest, kind="stable")
+        bounds = np.searchsorted(nearest[order], np.arange(self.n_groups_ + 1))
+        best_d = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)
+        best_i = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        for g in range(self.n_groups_):
+            grp = order[bounds[g]:bounds[g + 1]]
+            for s in range(0, len(grp), self.block_size):
+                pix = grp[s:s + self.block_size]
+                self._solve_block(pix, g, a_ext, q64, dist_c, slack, best_d, best_i)
+        self.stats_["pixels"] += n
+        return best_i.cpu().numpy(), best_d.cpu().numpy()
+
+    def _solve_block(self, pix: np.ndarray, g: int, a_ext: torch.Tensor, q64: torch.Tensor,
+                     dist_c: np.ndarray, slack: np.ndarray, best_d: torch.Tensor,
+                     best_i: torch.Tensor) -> None:
+        dev = self.device
+        pix_t = torch.as_tensor(pix, device=dev)
+        a = a_ext[pix_t]
+        qp = q64[pix_t]
+        # upper bound: exact distance of the best-LB member of the pixel's nearest group
+        own = torch.as_tensor(self._members[g], device=dev)
+        first = own[torch.argmin(self._bound(a, own), dim=1)]
+        upper = ((qp - self._db64[first]) ** 2).sum(1)
+        # groups that may hold a better entry
+        sl = slack[pix]
+        up = upper.cpu().numpy()
+        gap = np.clip(dist_c[pix] - self._radius[None], 0.0, None) ** 2
+        alive = gap <= (up + sl)[:, None]
+        groups = np.flatnonzero(alive.any(0))
+        cols = torch.as_tensor(np.concatenate([self._members[h] for h in groups]), device=dev)
+        lb = self._bound(a, cols)
+        thr = torch.as_tensor((up + sl).astype(np.float32), device=dev)
+        p_loc, c_loc = torch.nonzero(lb <= thr[:, None], as_tuple=True)
         del lb
-        best = upper.clone()
-        best_idx = first.clone()
-        n_cand = int(pix.numel())
-        self.stats_["candidates"] += n_cand
-        self.stats_["pixels"] += len(q)
-        step = max(1, 4_000_000 // max(1, scaled.shape[1]))
-        dists = []
-        for s in range(0, n_cand, step):
-            p, e = pix[s:s + step], ent[s:s + step]
-            dists.append(((q64[p] - self._db64[e]) ** 2).sum(1))
-        if n_cand:
-            d_all = torch.cat(dists)
-            best = torch.full_like(upper, float("inf")).scatter_reduce(
-                0, pix, d_all, reduce="amin")
-            best = torch.minimum(best, upper)
-            winner = d_all == best[pix]
-            cand = torch.full_like(first, torch.iinfo(torch.int64).max).scatter_reduce(
-                0, pix[winner], ent[winner], reduce="amin")
-            from_first = upper == best
-            cand = torch.where(from_first, torch.minimum(cand, first), cand)
-            best_idx = cand
-        return best_idx.cpu().numpy(), best.cpu().numpy()
+        ent = cols[c_loc]
+        self.stats_["bound_pairs"] += len(pix) * (len(cols) + len(own))
+        self.stats_["candidates"] += int(p_loc.numel())
+        # candidates (the pixel's `first` is always one: LB ≤ exact distance = U)
+        # in one dense float64 product against their union, then the near-ties
+        # (1e-9 relative, far above float64 rounding) by explicit differences
+        uniq, inv = torch.unique(ent, return_inverse=True)
+        dbu = self._db64[uniq]
+        qn = (qp**2).sum(1)
+        full = qn[:, None] + (dbu**2).sum(1)[None] - 2.0 * qp @ dbu.T
+        cand = torch.full_like(full, float("inf"))
+        cand[p_loc, inv] = full[p_loc, inv]
+        lowest = cand.amin(1)
+        near = cand <= (lowest + 1e-9 * (qn + self._db_max_norm))[:, None]
+        p_n, u_n = torch.nonzero(near, as_tuple=True)
+        e_n = uniq[u_n]
+        exact = ((qp[p_n] - self._db64[e_n]) ** 2).sum(1)
+        m = len(pix)
+        best = torch.full((m,), float("inf"), dtype=torch.float64, device=dev).scatter_reduce(
+            0, p_n, exact, reduce="amin")
+        win = exact == best[p_n]
+        big = torch.iinfo(torch.int64).max
+        idx = torch.full((m,), big, dtype=torch.int64, device=dev).scatter_reduce(
+            0, p_n[win], e_n[win], reduce="amin")
+        best_d[pix_t] = best
+        best_i[pix_t] = idx
