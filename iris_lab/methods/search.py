@@ -245,25 +245,32 @@ class NearestProfileSearch:
         d2 = na[:, None] + (cen**2).sum(1)[None] - 2.0 * aug @ cen.T
         dist_c = np.sqrt(np.clip(d2, 0.0, None))
         nearest = np.argmin(dist_c, axis=1)
+        # pixels sorted by nearest group once, so every block is a contiguous slice
         order = np.argsort(nearest, kind="stable")
+        order_t = torch.as_tensor(order, device=dev)
+        a_ext, q64 = a_ext[order_t], q64[order_t]
+        dist_c, slack = dist_c[order], slack[order]
         bounds = np.searchsorted(nearest[order], np.arange(self.n_groups_ + 1))
         best_d = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)
         best_i = torch.full((n,), -1, dtype=torch.int64, device=dev)
         for g in range(self.n_groups_):
-            grp = order[bounds[g]:bounds[g + 1]]
-            for s in range(0, len(grp), self.block_size):
-                pix = grp[s:s + self.block_size]
+            for s in range(bounds[g], bounds[g + 1], self.block_size):
+                pix = slice(s, min(s + self.block_size, bounds[g + 1]))
                 self._solve_block(pix, g, a_ext, q64, dist_c, slack, best_d, best_i)
         self.stats_["pixels"] += n
-        return best_i.cpu().numpy(), best_d.cpu().numpy()
+        index = np.empty(n, dtype=np.int64)
+        dist = np.empty(n, dtype=np.float64)
+        index[order] = best_i.cpu().numpy()
+        dist[order] = best_d.cpu().numpy()
+        return index, dist
 
-    def _solve_block(self, pix: np.ndarray, g: int, a_ext: torch.Tensor, q64: torch.Tensor,
+    def _solve_block(self, pix: slice, g: int, a_ext: torch.Tensor, q64: torch.Tensor,
                      dist_c: np.ndarray, slack: np.ndarray, best_d: torch.Tensor,
                      best_i: torch.Tensor) -> None:
         dev = self.device
-        pix_t = torch.as_tensor(pix, device=dev)
-        a = a_ext[pix_t]
-        qp = q64[pix_t]
+        a = a_ext[pix]
+        qp = q64[pix]
+        m = len(qp)
         # upper bound: exact distance of the best-LB member of the pixel's nearest group
         own = torch.as_tensor(self._members[g], device=dev)
         first = own[torch.argmin(self._bound(a, own), dim=1)]
@@ -280,7 +287,7 @@ class NearestProfileSearch:
         p_loc, c_loc = torch.nonzero(lb <= thr[:, None], as_tuple=True)
         del lb
         ent = cols[c_loc]
-        self.stats_["bound_pairs"] += len(pix) * (len(cols) + len(own))
+        self.stats_["bound_pairs"] += m * (len(cols) + len(own))
         self.stats_["candidates"] += int(p_loc.numel())
         # candidates (the pixel's `first` is always one: LB ≤ exact distance = U)
         # in one dense float64 product against their union, then the near-ties
@@ -296,12 +303,11 @@ class NearestProfileSearch:
         p_n, u_n = torch.nonzero(near, as_tuple=True)
         e_n = uniq[u_n]
         exact = ((qp[p_n] - self._db64[e_n]) ** 2).sum(1)
-        m = len(pix)
         best = torch.full((m,), float("inf"), dtype=torch.float64, device=dev).scatter_reduce(
             0, p_n, exact, reduce="amin")
         win = exact == best[p_n]
         big = torch.iinfo(torch.int64).max
         idx = torch.full((m,), big, dtype=torch.int64, device=dev).scatter_reduce(
             0, p_n[win], e_n[win], reduce="amin")
-        best_d[pix_t] = best
-        best_i[pix_t] = idx
+        best_d[pix] = best
+        best_i[pix] = idx
