@@ -58,6 +58,8 @@ VISIBLE_HALF_WINDOW_AA = 2.5
 #: Line centres in air [Å] (NIST), for reference in attributes.
 HALPHA_AIR_AA = 6562.80
 CA8542_AIR_AA = 8542.09
+#: Continuum points next to Hα and Ca II 8542 [Å, vacuum] (35–38 Å from the lines).
+CONTINUUM_AA = (6600.0, 8580.0)
 #: 39-point log τ500 grid of the IRIS² database.
 IRIS2_LOG_TAU = np.round(np.linspace(-7.0, 0.6, 39), 2)
 
@@ -87,9 +89,10 @@ class NLTESolution:
     ----------
     spectra
         Emergent intensity per window (``"mgii"`` or ``"halpha"``,
-        ``"ca8542"``), ``xarray.DataArray`` with dim ``wavelength`` (vacuum Å)
-        and coordinate ``offset`` (Å from line centre) for the visible lines;
-        attrs ``units``, ``mu``.
+        ``"ca8542"``, and ``"continuum"`` at :data:`CONTINUUM_AA`),
+        ``xarray.DataArray`` with dim ``wavelength`` (vacuum Å) and coordinate
+        ``offset`` (Å from line centre) for the visible lines; attrs ``units``,
+        ``mu``.
     converged
         True when the statistical-equilibrium iteration met its tolerances.
     iterations, seconds
@@ -150,7 +153,10 @@ class NLTESynthesizer:
         Iteration limit and tolerances of the statistical equilibrium (a solve
         that hits ``max_iter`` is flagged not converged).
     ng
-        Ng acceleration of the populations (order 3, period 5, delay 15).
+        Ng acceleration of the populations (order 3, period 5, delay 15):
+        ~3× faster for CRD problems; with PRD it made the FAL-C Mg II
+        iteration oscillate (not converged in 400 iterations), so keep it off
+        with ``prd=True``.
     step_aa
         Sampling of the output spectra [Å].
     t_max
@@ -405,6 +411,12 @@ class NLTESynthesizer:
             f"(dJ={updates[0].dJMax:.2e}, dPops={updates[1].dPopsMax:.2e})")
 
         spectra = {}
+        if self.problem == "halpha_ca8542":
+            wl_nm = np.asarray(CONTINUUM_AA) / 10.0
+            intensity = np.asarray(ctx.compute_rays(wl_nm, [self.mu])).reshape(wl_nm.size, -1)
+            spectra["continuum"] = self._data_array(
+                "continuum", wl_nm * 10.0, np.nan,
+                _si_to_cgs_lambda(intensity[:, 0], wl_nm * 10.0))
         for name, (wl_nm, centre_nm) in self._windows_nm(rad_set).items():
             intensity = np.asarray(ctx.compute_rays(wl_nm, [self.mu]))
             intensity = intensity.reshape(wl_nm.size, -1)[:, 0]
@@ -438,7 +450,10 @@ class NLTESynthesizer:
                                                  {"units": "Angstrom", "medium": "vacuum"})}
         attrs = {"units": INTENSITY_UNITS, "mu": self.mu, "line_centre_vacuum": centre_aa,
                  "setup": self.setup_name}
-        if name != "mgii":
+        if name == "continuum":
+            attrs.pop("line_centre_vacuum")
+            attrs["long_name"] = "continuum intensity near Halpha and Ca II 8542"
+        elif name != "mgii":
             coords["offset"] = ("wavelength", np.round(wl_aa - centre_aa, 6),
                                 {"units": "Angstrom", "long_name": "offset from line centre"})
             attrs["line_centre_air"] = HALPHA_AIR_AA if name == "halpha" else CA8542_AIR_AA
