@@ -557,6 +557,56 @@ def flare_chunk(payload: dict[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# process isolation
+# ---------------------------------------------------------------------------
+_CHUNK_FUNCTIONS = {"mgii": "mgii_chunk", "flare": "flare_chunk"}
+
+
+def run_isolated(name: str, payload: dict[str, Any]) -> Any:
+    """Run a chunk function in a fresh Python process and return its dataset.
+
+    Lightweaver keeps state between contexts of one process: in our runs
+    (Lightweaver 0.17.0) a Mg II PRD solve of FAL-C that converges in a fresh
+    process (110 iterations) diverged after an Hα / Ca II solve in the same
+    process. Each chunk therefore runs in its own interpreter (a few seconds
+    of start-up against minutes of solving), which also turns a crash of the
+    compiled solver into a failed chunk instead of a dead worker.
+    """
+    import pickle
+    import subprocess
+    import tempfile
+
+    import xarray as xr
+
+    if name not in _CHUNK_FUNCTIONS:
+        raise ValueError(f"unknown chunk function {name!r}")
+    with tempfile.TemporaryDirectory(prefix="iris_lab_chunk_") as tmp:
+        src, dst = Path(tmp) / "payload.pkl", Path(tmp) / "result.nc"
+        src.write_bytes(pickle.dumps(payload))
+        code = ("import sys, pickle; from iris_lab import builder; "
+                f"p = pickle.load(open({str(src)!r}, 'rb')); "
+                f"builder.{_CHUNK_FUNCTIONS[name]}(p).to_netcdf({str(dst)!r}, engine='h5netcdf')")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True)
+        if proc.returncode != 0 or not dst.exists():
+            raise RuntimeError(f"chunk process exited with {proc.returncode}: "
+                               f"{proc.stderr.strip()[-1500:]}")
+        with xr.open_dataset(dst, engine="h5netcdf") as ds:
+            return ds.load()
+
+
+def mgii_chunk_isolated(payload: dict[str, Any]) -> Any:
+    """:func:`mgii_chunk` in a fresh process (:func:`run_isolated`)."""
+    return run_isolated("mgii", payload)
+
+
+def flare_chunk_isolated(payload: dict[str, Any]) -> Any:
+    """:func:`flare_chunk` in a fresh process (:func:`run_isolated`)."""
+    return run_isolated("flare", payload)
+
+
+# ---------------------------------------------------------------------------
 # specifications, tasks and export
 # ---------------------------------------------------------------------------
 def default_synth(kind: Kind) -> dict[str, Any]:
@@ -854,7 +904,8 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
     store_path = Path(store) if store else Path("build") / f"{out.stem}.parts"
     ckpt = CheckpointStore(store_path, spec)
     tasks = make_tasks(spec)
-    report = run_chunks(tasks, flare_chunk if kind == "flare" else mgii_chunk, ckpt,
+    report = run_chunks(tasks, flare_chunk_isolated if kind == "flare" else mgii_chunk_isolated,
+                        ckpt,
                         scheduler=scheduler, workers=workers, processes=processes,
                         time_limit_s=time_limit_s, progress=progress)
     ckpt.log({"status": "run", "done": len(report.done), "failed": len(report.failed),
@@ -881,7 +932,7 @@ def build_interleaved(jobs: Sequence[tuple[str, dict[str, Any], str | Path, int]
 
     prepared = []
     for label, spec, store_path, per_turn in jobs:
-        fn = flare_chunk if spec["kind"] == "flare" else mgii_chunk
+        fn = flare_chunk_isolated if spec["kind"] == "flare" else mgii_chunk_isolated
         prepared.append((label, make_tasks(spec), fn, CheckpointStore(store_path, spec),
                          per_turn))
     cluster = None if scheduler else LocalCluster(
