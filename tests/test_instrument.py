@@ -122,8 +122,8 @@ def test_crisp_positions():
 
 @pytest.mark.parametrize(("line", "fwhm_published"), [("halpha", 0.066), ("ca8542", 0.107)])
 def test_crisp_transmission_width(line, fwhm_published):
-    # published CRISP FWHM: 66 mÅ at Hα, 107 mÅ at Ca II 8542 (de la Cruz Rodríguez
-    # et al. 2015 and references); 5 % allows for the pupil-averaging model
+    # the CRISP FWHM quoted in the literature: 66 mÅ at Hα, 107 mÅ at Ca II 8542; the
+    # model (nominal CRISPRED reflectivities, uniform f/165 pupil) is within 5 %
     assert ins.crisp_fwhm(line) == pytest.approx(fwhm_published, rel=0.05)
     # free spectral range of the HRE, λ²/2d: its next order is suppressed by the LRE
     fsr = ins.CRISP_LINES[line]["center"] ** 2 / (2 * ins.CRISP_HRE_SEPARATION_AA)
