@@ -27,6 +27,12 @@ Lightweaver's equation of state on the τ500 scale. log τ500 is recomputed from
 the solved context's background opacity at 500 nm (integrated in height), so
 the model can be put onto the 39-point log τ grid of the IRIS² database.
 
+Lightweaver keeps state between the contexts of one process: a Mg II PRD
+solve of FAL-C that converges in a fresh process diverged after an Hα /
+Ca II 8542 solve in the same process (Lightweaver 0.17.0). Solve one problem
+kind per process; :func:`iris_lab.builder.run_isolated` runs each build chunk
+in a fresh interpreter.
+
 Example
 -------
 >>> from iris_lab.atmosphere import Atmosphere
