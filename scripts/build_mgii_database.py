@@ -18,7 +18,7 @@ Run::
     python scripts/build_mgii_database.py --heldout --n 200 --workers 2
 
 ``--interleave`` builds the database, the held-out set and the flare set
-(``scripts/build_flare_set.py``) on one cluster in turns (one flare sequence,
+(``scripts/build_flare_set.py``) on one cluster in turns (four flare sequences,
 two database chunks, one held-out chunk), so that a build stopped at any time
 holds data of all three; ``--deadline HH:MM`` (UTC) stops it. Export with
 ``--export-only`` (and ``--heldout``, and ``build_flare_set.py --export-only``).
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             stop = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
             deadline = (stop if stop > now else stop + dt.timedelta(days=1)).timestamp()
         build_interleaved([
-            ("flare", make_spec("flare", 2000), ROOT / "build" / "flare_set.parts", 1),
+            ("flare", make_spec("flare", 2000), ROOT / "build" / "flare_set.parts", 4),
             ("mgii", make_spec("mgii", 1000), ROOT / "build" / "mgii_database.parts", 2),
             ("mgii_heldout", make_spec("mgii_heldout", 200),
              ROOT / "build" / "mgii_heldout.parts", 1),
