@@ -216,3 +216,18 @@ def test_sigma_from_responses_matches_eq2():
     expected_t = 6000.0 * np.sqrt(2.0 / (len(params) + m) * noise2 / np.sum(responses[jt] ** 2))
     assert np.interp(params[jt][2], IRIS2_LOG_TAU, sigma["temperature"]) == pytest.approx(
         expected_t, rel=1e-6)
+
+
+@pytest.mark.nlte
+def test_hydrostatic_conversion_from_log_tau_only(falc):
+    """T(log τ) alone → Lightweaver's EOS in hydrostatic equilibrium: the photospheric
+    n_e agrees with FAL-C (LTE holds there; 15 %) and Hα keeps its atlas core."""
+    atm = Atmosphere(temperature=falc.temperature, log_tau=falc.log_tau,
+                     v_turb=falc.v_turb, p_gas=falc.p_gas)
+    sol = NLTESynthesizer("halpha_ca8542", n_rays=3, ng=True, retry=False,
+                          hydrostatic=True).solve(atm)
+    assert sol.converged, sol.message
+    deep = falc.log_tau > -1.0
+    np.testing.assert_allclose(sol.n_e[deep], falc.n_e[deep], rtol=0.15)
+    core = float(sol.spectra["halpha"].values.min()) / sol.spectra["continuum"].values[0]
+    assert abs(core - 0.16) < 0.05

@@ -1,0 +1,162 @@
+"""NLTE build benchmarks: set-up speed vs accuracy, and dask scaling.
+
+Part ``setups``: each Mg II set-up (PRD/CRD, rays, model atom, depth points,
+Ng acceleration) against the full one (PRD, 5 rays, 10-level Mg II atom, all
+depth points) on FAL-C and one plage atmosphere of the generator: solve time,
+iterations, and the error of the IRIS-degraded profile (maximum over the
+window and at k2v/k3, relative to the full set-up's k2v intensity).
+
+Part ``scaling``: Hα + Ca II 8542 solves of perturbed FAL-C atmospheres,
+chunked as in a build, with 1 and 2 local workers (atmospheres per hour,
+scaling efficiency = rate(2) / (2 rate(1))), and the same run against a
+scheduler address (a separately started scheduler with 2 workers).
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/nlte_build.py [setups|scaling|all]``.
+Timings depend on what else runs on the machine; the table prints the load.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _k_features(wl: np.ndarray, profile: np.ndarray) -> tuple[float, float]:
+    """k2v and k3 intensities: maximum blue of k centre and minimum near centre."""
+    k0 = 2796.35
+    blue = (wl > k0 - 0.4) & (wl < k0)
+    core = (wl > k0 - 0.15) & (wl < k0 + 0.15)
+    return float(profile[blue].max()), float(profile[core].min())
+
+
+def _decimate(atm):
+    """Keep every depth point above log τ = -3 and every second one below."""
+    from iris_lab.atmosphere import Atmosphere
+
+    keep = np.flatnonzero((atm.log_tau < -3.0) | (np.arange(atm.n_depth) % 2 == 0))
+    keep = np.union1d(keep, [atm.n_depth - 1])
+    return Atmosphere(**{k: v[keep] for k, v in atm.fields().items()}, scale=atm.scale)
+
+
+def setups() -> list[str]:
+    from iris_lab import instrument
+    from iris_lab.atmosphere import Atmosphere
+    from iris_lab.synthesis.nlte import NLTESynthesizer
+    from iris_lab.worlds.chromosphere import sample_mgii_atmospheres
+
+    falc = Atmosphere.reference("falc")
+    plage_all, fam = sample_mgii_atmospheres(12, seed=5, families=["plage"])
+    plage = plage_all[0]
+    variants = [
+        ("PRD, 5 rays, full atom (reference)", {"prd": True, "n_rays": 5}, False),
+        ("PRD, 3 rays (shipped build)", {"prd": True, "n_rays": 3}, False),
+        ("PRD, 5 rays, every 2nd depth point below log tau=-3", {"prd": True, "n_rays": 5},
+         True),
+        ("PRD, 5 rays, MgII h&k-only atom", {"prd": True, "n_rays": 5, "mgii_atom": "hk"},
+         False),
+        ("CRD, 5 rays", {"prd": False, "n_rays": 5}, False),
+        ("CRD, 3 rays, Ng", {"prd": False, "n_rays": 3, "ng": True}, False),
+    ]
+    rows = ["| atmosphere | set-up | iterations | solve [s] | max abs err / I(k2v) "
+            "| k2v err | k3 err |", "|---|---|---|---|---|---|---|"]
+    for name, atm in (("FAL-C", falc), ("plage #0", plage)):
+        ref = None
+        for label, kw, decimate in variants:
+            synth = NLTESynthesizer("mgii", ng=kw.pop("ng", False), retry=False, **kw)
+            sol = synth.solve(_decimate(atm) if decimate else atm)
+            if not sol.converged:
+                rows.append(f"| {name} | {label} | {sol.iterations} | {sol.seconds:.1f} | "
+                            f"not converged: {sol.message[:60]} | | |")
+                continue
+            spec = sol.spectra["mgii"]
+            wl = instrument.iris_mgii_wavelengths()
+            prof = np.asarray(instrument.iris_degrade(spec["wavelength"].values, spec.values))
+            k2, k3 = _k_features(wl, prof)
+            if ref is None:
+                ref = (prof, k2, k3)
+                errs = ("—", "—", "—")
+            else:
+                errs = (f"{np.max(np.abs(prof - ref[0])) / ref[1]:.3f}",
+                        f"{k2 / ref[1] - 1:+.3f}", f"{k3 / ref[2] - 1:+.3f}")
+            rows.append(f"| {name} | {label} | {sol.iterations} | {sol.seconds:.1f} | "
+                        f"{errs[0]} | {errs[1]} | {errs[2]} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _scaling_tasks(n_chunks: int, per_chunk: int):
+    from iris_lab.atmosphere import Atmosphere
+
+    falc = Atmosphere.reference("falc")
+    rng = np.random.default_rng(0)
+    tasks = []
+    for c in range(n_chunks):
+        factor = 1.0 + 0.03 * rng.standard_normal((per_chunk, 1)) * np.exp(
+            -((falc.log_tau + 4.0) / 1.5) ** 2)
+        atms = falc.broadcast_to((per_chunk,))
+        fields = {k: np.array(v) for k, v in atms.fields().items()}
+        fields["temperature"] = fields["temperature"] * factor
+        tasks.append((c, {"samples": np.arange(c * per_chunk, (c + 1) * per_chunk),
+                          "fields": fields, "sequence": np.full(per_chunk, c),
+                          "step": np.arange(per_chunk), "beam": {},
+                          "height": falc.height,
+                          "synth": {"problem": "halpha_ca8542", "prd": False, "n_rays": 3,
+                                    "ng": True}}))
+    return tasks
+
+
+def scaling(n_chunks: int = 4, per_chunk: int = 2) -> list[str]:
+    from dask.distributed import LocalCluster
+
+    from iris_lab.builder import CheckpointStore, flare_chunk_isolated, run_chunks
+
+    tasks = _scaling_tasks(n_chunks, per_chunk)
+    n_atm = n_chunks * per_chunk
+    rows = ["| run | workers | atmospheres | wall [s] | atmospheres / hour | efficiency |",
+            "|---|---|---|---|---|---|"]
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, workers, scheduler in (("LocalCluster", 1, False),
+                                          ("LocalCluster", 2, False),
+                                          ("scheduler address", 2, True)):
+            store = CheckpointStore(Path(tmp) / f"{label}-{workers}", {"bench": label,
+                                                                        "w": workers})
+            cluster = None
+            if scheduler:
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
+                                       dashboard_address=None, env={"OMP_NUM_THREADS": "1"})
+            t0 = time.perf_counter()
+            report = run_chunks(tasks, flare_chunk_isolated, store, workers=workers,
+                                progress=False,
+                                scheduler=cluster.scheduler_address if cluster else None)
+            wall = time.perf_counter() - t0
+            if cluster is not None:
+                cluster.close()
+            rate = n_atm / wall * 3600
+            rates[(label, workers)] = rate
+            base = rates.get(("LocalCluster", 1))
+            eff = f"{rate / (workers * base):.2f}" if base and workers > 1 else "—"
+            rows.append(f"| {label} | {workers} | {n_atm} ({len(report.done)} chunks) | "
+                        f"{wall:.0f} | {rate:.0f} | {eff} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    which = argv[1] if len(argv) > 1 else "all"
+    load = os.getloadavg()[0]
+    print(f"machine: {os.cpu_count()} cores, load average {load:.1f} at start")
+    if which in ("setups", "all"):
+        print("\n".join(setups()))
+    if which in ("scaling", "all"):
+        print("\n".join(scaling()))
+    print(f"load average {os.getloadavg()[0]:.1f} at end")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
