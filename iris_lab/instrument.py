@@ -351,6 +351,45 @@ def iris_add_noise(dn: Any, rng: np.random.Generator | int | None = None, *,
     return photons / photons_per_dn + generator.normal(0.0, read_noise, dn.shape)
 
 
+def iris_observe(wavelength: Any, intensity: Any, exptime: float,
+                 rng: np.random.Generator | int | None = None, *, units: str = "intensity",
+                 effective_area: Any = None, date: str | None = None) -> np.ndarray:
+    """Synthetic IRIS NUV observation: PSF and 473-pixel grid, counts, noise.
+
+    Parameters
+    ----------
+    wavelength, intensity
+        Spectra before the instrument, as for :func:`iris_degrade`.
+    exptime
+        Exposure time [s].
+    rng
+        Generator or seed of the photon and read noise; ``None`` gives fresh noise.
+    units
+        ``"intensity"`` (calibrated back to erg s⁻¹ cm⁻² sr⁻¹ Å⁻¹) or ``"dn/s"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Noisy spectra on :func:`iris_mgii_wavelengths`, ``(..., 473)``.
+
+    Example
+    -------
+    >>> wl = np.linspace(2793.5, 2806.5, 3000)
+    >>> iris_observe(wl, np.full(wl.size, 1e5), 8.0, rng=0).shape
+    (473,)
+    """
+    if units not in ("intensity", "dn/s"):
+        raise ValueError(f"units must be 'intensity' or 'dn/s', not {units!r}")
+    grid = iris_mgii_wavelengths()
+    degraded = np.asarray(iris_degrade(wavelength, intensity))
+    dn = iris_intensity_to_dn(degraded, exptime, wavelength=grid,
+                              effective_area=effective_area, date=date)
+    rate = iris_add_noise(dn, rng) / exptime
+    if units == "dn/s":
+        return rate
+    return iris_dn_to_intensity(rate, wavelength=grid, effective_area=effective_area, date=date)
+
+
 # -- CRISP ---------------------------------------------------------------------------
 def _crisp_line(line: str) -> dict[str, Any]:
     key = str(line).lower().replace(" ", "").replace("_", "")

@@ -110,6 +110,22 @@ def test_noise_statistics_match_the_model():
                                   ins.iris_add_noise(expected[:10], 7))
 
 
+def test_observe_chains_degradation_counts_and_noise():
+    wl = np.linspace(2793.0, 2807.0, 4001)
+    spectrum = 3.0e4 + _gaussian(wl, 2796.35, 0.1, 2.0e5)
+    degraded = ins.iris_degrade(wl, spectrum)
+    many = ins.iris_observe(wl, np.broadcast_to(spectrum, (400, wl.size)), 4.0, rng=3)
+    # unbiased: the mean of 400 noisy spectra sits within 5 standard errors of the model
+    sigma_dn = ins.iris_noise_sigma(ins.iris_intensity_to_dn(degraded, 4.0))
+    sigma_i = ins.iris_dn_to_intensity(sigma_dn / 4.0)
+    assert np.all(np.abs(many.mean(0) - degraded) < 5 * sigma_i / np.sqrt(400))
+    rate = ins.iris_observe(wl, spectrum, 4.0, rng=3, units="dn/s")
+    single = ins.iris_observe(wl, spectrum, 4.0, rng=3)
+    np.testing.assert_allclose(ins.iris_dn_to_intensity(rate), single, rtol=1e-12)
+    with pytest.raises(ValueError, match="units"):
+        ins.iris_observe(wl, spectrum, 4.0, units="photons")
+
+
 def test_crisp_positions():
     ha, ca = ins.crisp_positions("halpha"), ins.crisp_positions("ca8542")
     assert ha.size == 15 and ca.size == 25
