@@ -169,6 +169,10 @@ def test_nonconverged_solve_is_flagged_not_raised(falc):
     assert not sol.converged
     assert "not converged" in sol.message
     assert sol.populations is None  # never used to warm-start a neighbour
+    # a batch carries on and reports every member
+    ds = synth.synthesize(Atmosphere.stack([falc, falc]))
+    assert ds.sizes["entry"] == 2 and not ds["converged"].values.any()
+    assert all("not converged" in m for m in ds["message"].values)
 
 
 def test_to_log_tau_grid_interpolates_logs_and_flags_extrapolation(falc):
