@@ -236,7 +236,8 @@ class Atmosphere:
         if not self.batch_shape:
             raise IndexError("this atmosphere has no batch dimensions to index")
         index = index if isinstance(index, tuple) else (index,)
-        index = (*index, Ellipsis) if Ellipsis not in index else index
+        if not any(part is Ellipsis for part in index):
+            index = (*index, Ellipsis)
         picked = {n: a[index] for n, a in self.fields().items()}
         if any(a.ndim == 0 for a in picked.values()):
             raise IndexError("indexing removed the depth axis")

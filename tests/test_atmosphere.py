@@ -50,6 +50,11 @@ def test_batching_and_indexing(falc):
     stacked = Atmosphere.stack([falc, falc.replace(temperature=falc.temperature * 1.1)])
     assert stacked.batch_shape == (2,)
     np.testing.assert_allclose(stacked.temperature[1] / stacked.temperature[0], 1.1)
+    picked = batch.reshape(-1)[np.array([0, 5, 7])]
+    assert picked.batch_shape == (3,)
+    mask = np.zeros(12, dtype=bool)
+    mask[[1, 2]] = True
+    assert batch.reshape(-1)[mask].batch_shape == (2,)
     with pytest.raises(IndexError):
         falc[0]
 
