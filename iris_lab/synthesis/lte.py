@@ -18,7 +18,8 @@ emergent Stokes vector ``(..., 4, wavelength)`` of a list of blended lines:
 
 Everything is float64 torch with no data-dependent control flow inside the
 synthesis, so ``torch.func.jacfwd`` / ``vmap`` give response functions to the
-atmosphere and to per-line ``log_gf_offset`` and ``dlambda``.
+atmosphere and to per-line ``log_gf_offset`` and ``dlambda``
+(:meth:`LTESynthesizer.response_functions` batches ``torch.func.jvp``).
 
 Intensities are absolute, erg s⁻¹ cm⁻² sr⁻¹ Å⁻¹ (divide by
 :meth:`LTESynthesizer.continuum_intensity` of FAL-C to normalise like
@@ -640,12 +641,22 @@ class LTESynthesizer:
                                    continuum=self._continuum, device=self.device)
 
     def response_functions(
-        self, fields: Mapping[str, Any], names: Sequence[str] = ("temperature",)
+        self,
+        fields: Mapping[str, Any],
+        names: Sequence[str] = ("temperature",),
+        *,
+        log_gf_offset: Tensor | None = None,
+        dlambda: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Response functions ∂Stokes/∂field(depth) by forward-mode autodiff.
+        """Response functions ∂Stokes/∂x by forward-mode autodiff.
 
-        Returns ``{name: Tensor (..., 4, n_wavelength, depth)}``; batch dims
-        are mapped with ``torch.func.vmap``.
+        For each atmospheric field in ``names`` the derivative with respect
+        to its value at every depth, ``{name: Tensor (..., 4, n_wavelength,
+        depth)}``; ``"log_gf_offset"`` and ``"dlambda"`` in ``names`` give
+        ``(..., 4, n_wavelength, n_lines)``. A single batched Jacobian–vector
+        product (``torch.func.jvp``) computes all columns: the unit tangents
+        ride on an extra leading batch axis, which the engine vectorises like
+        pixels.
 
         Example
         -------
@@ -661,22 +672,43 @@ class LTESynthesizer:
         torch.Size([4, 9, 32])
         """
         base = self._prepare(fields)
-        for name in names:
-            if name not in base:
-                raise ValueError(f"no field {name!r} to differentiate")
         batch = base["temperature"].shape[:-1]
-        flat = {n: v.reshape(-1, v.shape[-1]) for n, v in base.items()}
+        atomic = {
+            "log_gf_offset": torch.zeros(*batch, self.n_lines, dtype=self.dtype,
+                                         device=self.device)
+            if log_gf_offset is None else torch.as_tensor(
+                log_gf_offset, dtype=self.dtype, device=self.device).expand(*batch, -1),
+            "dlambda": torch.zeros(*batch, self.n_lines, dtype=self.dtype, device=self.device)
+            if dlambda is None else torch.as_tensor(
+                dlambda, dtype=self.dtype, device=self.device).expand(*batch, -1),
+        }
         out = {}
         for name in names:
-            def one(x, rest, name=name):
-                return self.stokes({**rest, name: x})
+            if name in atomic:
+                x = atomic[name]
+            elif name in base:
+                x = base[name]
+            else:
+                raise ValueError(f"no field or atomic parameter {name!r} to differentiate")
 
-            def jac(x, rest, one=one):
-                return torch.func.jacfwd(one)(x, rest)
+            n = x.shape[-1]
+            # one batched JVP: a new leading axis carries the n unit tangents
+            expanded = {k: v.expand(n, *v.shape).clone()
+                        for k, v in {**base, **atomic}.items()}
+            tangent = torch.eye(n, dtype=self.dtype, device=self.device)
+            tangent = tangent.reshape(n, *([1] * len(batch)), n).expand(n, *x.shape)
 
-            rest = {n: v for n, v in flat.items() if n != name}
-            result = torch.func.vmap(jac)(flat[name], rest)
-            out[name] = result.reshape(*batch, *result.shape[1:])
+            def forward(value, name=name, expanded=expanded):
+                fields_ = {k: v for k, v in expanded.items() if k not in atomic}
+                params = {k: v for k, v in expanded.items() if k in atomic}
+                if name in atomic:
+                    params[name] = value
+                else:
+                    fields_[name] = value
+                return self.stokes(fields_, **params)
+
+            jvp = torch.func.jvp(forward, (expanded[name],), (tangent.contiguous(),))[1]
+            out[name] = torch.movedim(jvp, 0, -1)
         return out
 
     def synthesize(self, atmosphere: Any, batch_dims: Sequence[str] | None = None):
