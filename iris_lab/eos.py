@@ -65,10 +65,11 @@ EV = opacity.EV
 AMU = 1.66053906660e-24
 #: Solar surface gravity [cm s⁻²].
 SOLAR_GRAVITY = 2.7398e4
-#: Electron donors in the charge balance: H (with H⁻), He, C, N, O and every
-#: metal with χ_I < 11 eV and log ε ≥ 4.9 (Asplund et al. 2009). The
-#: elements left out (Ne, Ar, F, Cl, P, Sc, V, Cu, Zn, … heavier) change n_e by
-#: < 3e-3 relative between 3000 and 20 000 K; all elements count in the mass.
+#: Electron donors in the charge balance: H (with H⁻ and H⁺), He (I-III), C, N, O
+#: and every metal with χ_I < 11 eV and log ε ≥ 4.9 (Asplund et al. 2009), the
+#: metals with their first ionisation only. The elements left out (Ne, Ar, F, Cl,
+#: P, Sc, V, Cu, Zn, … heavier) change n_e by < 3e-3 relative between 3000 and
+#: 20 000 K; all elements count in the mass.
 DONORS = ("H", "He", "C", "N", "O", "Na", "Mg", "Al", "Si", "S", "K", "Ca", "Ti", "Cr", "Mn",
           "Fe", "Co", "Ni")
 _N_STAGES = 3
@@ -209,11 +210,14 @@ def partition_function(element: str | int, ion: int, temperature) -> Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _saha_table(symbols: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _saha_table(symbols: tuple[str, ...], full: bool) -> tuple[np.ndarray, np.ndarray]:
     """ln(2 U_{k+1}/U_k) on the log T grid and the matching ionisation energies.
 
-    Rows: [H⁻→H I: ln(2 U_H I / U_H⁻)], [H I→II], then I→II and II→III of the
-    other elements. Missing stages get χ = +inf (S = 0).
+    Rows: [H⁻→H I: ln(2 U_H I / U_H⁻)], [H I→II], then for the other elements
+    I→II and II→III (``full``) — or, for the EOS (``full=False``, symbols[1] = He),
+    He I→II, He II→III and I→II only of the metals (their second ionisation
+    changes n_e by < 1e-4 relative below 2·10⁴ K, where H dominates anyway).
+    Missing stages get χ = +inf (S = 0).
     """
     table = _pf_table()
     n_t = len(next(iter(table.values())))
@@ -226,53 +230,61 @@ def _saha_table(symbols: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     u_h = log_u(1, 1)
     rows += [math.log(2.0) + u_h, math.log(2.0) + log_u(1, 2) - u_h]
     chis += [opacity.CHI_HMINUS, _elements()["H"].chi[0]]
-    for sym in symbols[1:]:
+    for n, sym in enumerate(symbols[1:]):
         info = _elements()[sym]
-        for k in (1, 2):
+        for k in (1, 2) if (full or n == 0) else (1,):
             ok = (info.z, k + 1) in table and np.isfinite(info.chi[k - 1])
             rows.append(math.log(2.0) + log_u(info.z, k + 1) - log_u(info.z, k))
             chis.append(info.chi[k - 1] if ok else np.inf)
     return np.array(rows), np.array(chis)
 
 
-def _saha_factors(symbols: list[str], t: Tensor) -> dict[str, Tensor]:
+def _saha_factors(symbols: list[str], t: Tensor, full: bool = True) -> dict[str, Tensor]:
     """Saha factors S = n_{k+1} n_e / n_k [cm⁻³] at T (shape (...)).
 
-    ``symbols[0]`` must be H. Returns contiguous tensors: ``s1``, ``s2``
-    (..., E-1) for I→II and II→III of the other elements (0 where a stage is
-    not tabulated), ``s_h`` (H I→II) and ``s_hm`` = n(H I) n_e / n(H⁻) (...).
+    ``symbols[0]`` must be H. Returns contiguous tensors ``s_h`` (H I→II) and
+    ``s_hm`` = n(H I) n_e / n(H⁻) (...); with ``full`` also ``s1``, ``s2``
+    (..., E-1) for I→II and II→III of the other elements, else (symbols[1] =
+    He) ``s_he1``, ``s_he2`` (...) and ``s1`` (..., E-2) for the metals.
     """
-    if symbols[0] != "H":
-        raise ValueError("the first element must be H")
-    rows, chis = _saha_table(tuple(symbols))
+    if symbols[0] != "H" or (not full and symbols[1] != "He"):
+        raise ValueError("the first elements must be H (and He)")
+    rows, chis = _saha_table(tuple(symbols), full)
     dev = t.device
     ln_ratio = _interp_log_t(torch.as_tensor(rows, dtype=torch.float64, device=dev), t)
     chi = torch.as_tensor(np.nan_to_num(chis, posinf=1e4), dtype=torch.float64, device=dev)
     ln_ct = (math.log(opacity.SAHA_CONST) + 1.5 * torch.log(t)).unsqueeze(-1)
     s = torch.exp(ln_ratio + ln_ct - chi / (K_BOLTZMANN / EV * t).unsqueeze(-1))  # (..., R)
-    metals = s[..., 2:].reshape(*t.shape, -1, 2)
-    return {"s1": metals[..., 0].contiguous(), "s2": metals[..., 1].contiguous(),
-            "s_h": s[..., 1].contiguous(), "s_hm": s[..., 0].contiguous()}
+    out = {"s_h": s[..., 1].contiguous(), "s_hm": s[..., 0].contiguous()}
+    if full:
+        metals = s[..., 2:].reshape(*t.shape, -1, 2)
+        out.update(s1=metals[..., 0].contiguous(), s2=metals[..., 1].contiguous())
+    else:
+        out.update(s_he1=s[..., 2].contiguous(), s_he2=s[..., 3].contiguous(),
+                   s1=s[..., 4:].contiguous())
+    return out
 
 
-def _charge_moments(sf: dict[str, Tensor], inv_ne: Tensor, n_e: Tensor, eps_m: Tensor):
-    """Σ ε <charge> and Σ ε Var(charge) over H (H⁻, H I, H II) and the metals
-    (I, II, III), plus the pieces needed for the populations."""
+def _charge_moments(sf: dict[str, Tensor], inv_ne: Tensor, n_e: Tensor, mix: _Mix):
+    """Σ ε <charge> and Σ ε Var(charge) over H (H⁻, H I, H II), He (I, II, III) and
+    the metals (I, II), plus the pieces needed for the populations."""
     r1 = sf["s1"] * inv_ne.unsqueeze(-1)
-    r12 = r1 * sf["s2"] * inv_ne.unsqueeze(-1)
-    inv_den = 1.0 / (1.0 + r1 + r12)
-    mean = (r1 + 2.0 * r12) * inv_den
-    second = (r1 + 4.0 * r12) * inv_den
-    q_m = mean @ eps_m
-    v_m = second @ eps_m - (mean * mean) @ eps_m
+    f = r1 / (1.0 + r1)
+    q = f @ mix.eps_m
+    var = (f - f * f) @ mix.eps_m
+    a1 = sf["s_he1"] * inv_ne
+    a12 = a1 * sf["s_he2"] * inv_ne
+    inv_den_he = 1.0 / (1.0 + a1 + a12)
+    mean_he = (a1 + 2.0 * a12) * inv_den_he
+    second_he = (a1 + 4.0 * a12) * inv_den_he
     r_p = sf["s_h"] * inv_ne
     r_m = n_e / sf["s_hm"]  # H⁻ / H I
     inv_den_h = 1.0 / (1.0 + r_p + r_m)
     mean_h = (r_p - r_m) * inv_den_h
     second_h = (r_p + r_m) * inv_den_h
-    q = q_m + mean_h
-    var = v_m + second_h - mean_h * mean_h
-    return q, var, (r_p, r_m, inv_den_h, inv_den)
+    q = q + mean_h + mix.eps_he * mean_he
+    var = var + second_h - mean_h * mean_h + mix.eps_he * (second_he - mean_he * mean_he)
+    return q, var, (r_p, r_m, inv_den_h, inv_den_he)
 
 
 def ionisation_fractions(element: str | int, temperature, n_e) -> Tensor:
@@ -323,8 +335,8 @@ class _Mix:
         self.mass_per_h = AMU * float(sum(10.0 ** (v - 12.0) * _elements()[s].mass
                                           for s, v in ab.items()))
         self.q_max = float((self.eps * 2.0).sum() - self.eps[0])
-        self.eps_m = self.eps[1:].contiguous()
-        self.he_index = donors.index("He") - 1 if "He" in donors else None
+        self.eps_he = float(self.eps[1])
+        self.eps_m = self.eps[2:].contiguous()
 
 
 def _newton_ne(sf: dict[str, Tensor], n_tot: Tensor, mix: _Mix, x0: Tensor,
@@ -335,7 +347,7 @@ def _newton_ne(sf: dict[str, Tensor], n_tot: Tensor, mix: _Mix, x0: Tensor,
     """
     def residual(x, sf_, n_tot_):
         n_e = torch.exp(x)
-        q, var, _ = _charge_moments(sf_, torch.exp(-x), n_e, mix.eps_m)
+        q, var, _ = _charge_moments(sf_, torch.exp(-x), n_e, mix)
         q = torch.clamp(q, min=1e-30)
         dq = -var
         n_h = torch.clamp(n_tot_ - n_e, min=1e-300) / mix.eps_sum
@@ -360,7 +372,7 @@ def _newton_ne(sf: dict[str, Tensor], n_tot: Tensor, mix: _Mix, x0: Tensor,
 def _state_from_ne(x: Tensor, sf: dict[str, Tensor], t: Tensor, n_tot: Tensor, mix: _Mix,
                    coef500: dict[str, Tensor]) -> dict[str, Tensor]:
     n_e = torch.exp(x)
-    _, _, (r_p, r_m, inv_den_h, inv_den) = _charge_moments(sf, torch.exp(-x), n_e, mix.eps_m)
+    _, _, (r_p, r_m, inv_den_h, inv_den_he) = _charge_moments(sf, torch.exp(-x), n_e, mix)
     n_h = (n_tot - n_e) / mix.eps_sum
     n_h_neutral = n_h * inv_den_h
     out = {
@@ -372,10 +384,7 @@ def _state_from_ne(x: Tensor, sf: dict[str, Tensor], t: Tensor, n_tot: Tensor, m
         "n_protons": n_h_neutral * r_p,
         "rho": n_h * mix.mass_per_h,
     }
-    if mix.he_index is not None:
-        out["n_he_neutral"] = n_h * mix.eps_m[mix.he_index] * inv_den[..., mix.he_index]
-    else:
-        out["n_he_neutral"] = torch.zeros_like(n_h)
+    out["n_he_neutral"] = n_h * mix.eps_he * inv_den_he
     out["kappa500"] = opacity.combine_opacity(coef500, n_e, out["n_h_neutral"],
                                               out["n_protons"], out["n_he_neutral"])[..., 0]
     return out
@@ -430,7 +439,7 @@ def solve_ionisation(temperature, p_gas, *, abundances: Mapping[str, float] | No
         _check("p_gas", p)
     t, p = torch.broadcast_tensors(t, p)
     mix = _Mix(abundances, t.device)
-    sf = _saha_factors(mix.symbols, t)
+    sf = _saha_factors(mix.symbols, t, full=False)
     n_tot = p / (K_BOLTZMANN * t)
     x0 = _initial_x(t, n_tot) if n_e_guess is None else torch.log(_as64(n_e_guess, t.device))
     x = _newton_ne(sf, n_tot, mix, x0.expand_as(t), n_iter)
@@ -532,7 +541,7 @@ def hydrostatic_equilibrium(
         # sub-steps, the same count for the whole batch, so that no step exceeds
         # max_step in log τ; T and v_turb² are interpolated linearly in log τ
         dl_max = torch.diff(lt.detach(), dim=-1).reshape(-1, n_d - 1).max(0).values
-        n_sub = torch.clamp(torch.ceil(dl_max / max_step), min=1).long().tolist()
+        n_sub = torch.clamp(torch.ceil(dl_max / max_step - 1e-6), min=1).long().tolist()
         idx0, frac, keep = [], [], []
         for i, m in enumerate(n_sub):
             keep.append(len(idx0))
@@ -554,7 +563,7 @@ def hydrostatic_equilibrium(
     mix = _Mix(abundances, t.device)
     # depth-major copies so that every depth slice is contiguous
     t_dm = t.movedim(-1, 0).contiguous()  # (D, ...)
-    sf_all = _saha_factors(mix.symbols, t_dm)  # (D, ..., E-1) / (D, ...)
+    sf_all = _saha_factors(mix.symbols, t_dm, full=False)  # (D, ..., E-2) / (D, ...)
     coef_all = _coef500(t_dm)  # (D, ..., 1) each
     ln10 = math.log(10.0)
     tau = 10.0**lt

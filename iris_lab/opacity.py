@@ -195,19 +195,21 @@ def _rayleigh_he(lam_aa: Tensor) -> Tensor:
 
 def _h_bf_per_atom(lam_aa: Tensor, t: Tensor, u_h: Tensor | float = 2.0) -> Tensor:
     """H I bound-free cross-section per neutral H atom [cm²], LTE level populations,
-    without stimulated emission."""
+    without stimulated emission (levels whose edge lies blueward of every wavelength
+    are skipped)."""
     nu = C_LIGHT / (lam_aa * 1e-8)
     lam_r = lam_aa * 1e-8 * R_H
-    kt_ev = K_BOLTZMANN * t / EV
-    total = torch.zeros(torch.broadcast_shapes(lam_aa.shape, t.shape), dtype=torch.float64,
-                        device=lam_aa.device)
-    for n in range(1, N_H_LEVELS + 1):
-        edge = lam_r <= n * n  # photon energy above the level's ionisation threshold
-        gaunt = 1.0 - 0.3456 / lam_r ** (1.0 / 3.0) * (lam_r / (n * n) - 0.5)
-        sigma = 2.815e29 * torch.clamp(gaunt, min=0.0) / (n**5 * nu**3)
-        pop = 2.0 * n * n * torch.exp(-CHI_H * (1.0 - 1.0 / (n * n)) / kt_ev) / u_h
-        total = total + torch.where(edge, sigma, torch.zeros_like(sigma)) * pop
-    return total
+    n_min = max(1, math.ceil(math.sqrt(float(lam_r.detach().min())) - 1e-9))
+    if n_min > N_H_LEVELS:
+        return torch.zeros(torch.broadcast_shapes(lam_aa.shape, t.shape), dtype=torch.float64,
+                           device=lam_aa.device)
+    n = torch.arange(n_min, N_H_LEVELS + 1, dtype=torch.float64, device=lam_aa.device)
+    lr = lam_r.unsqueeze(-1)
+    gaunt = 1.0 - 0.3456 / lr ** (1.0 / 3.0) * (lr / (n * n) - 0.5)
+    sigma = torch.where(lr <= n * n, 2.815e29 * torch.clamp(gaunt, min=0.0) / n**5, 0.0)
+    kt_ev = (K_BOLTZMANN * t / EV).unsqueeze(-1)
+    pop = 2.0 * n * n * torch.exp(-CHI_H * (1.0 - 1.0 / (n * n)) / kt_ev)  # (..., W?, L)
+    return (sigma * pop).sum(-1) / (nu**3 * u_h)
 
 
 def _h_ff_per_pair(lam_aa: Tensor, t: Tensor) -> Tensor:

@@ -66,12 +66,18 @@ def test_charge_and_particle_conservation():
     p = torch.tensor([1e3, 1e4, 1e5, 1e5, 1e2, 1.0], dtype=torch.float64)
     out = eos.solve_ionisation(t, p)
     ab = eos.abundances()
-    # electrons = protons - H⁻ + Σ ε n_H (f_II + 2 f_III) over the donors, recomputed
-    # with the public per-element Saha fractions
+    # electrons = protons - H⁻ + He⁺ + 2 He²⁺ + Σ ε n_H r/(1 + r) over the metals (the
+    # EOS counts their first ionisation, r = n_II/n_I), recomputed with the public
+    # per-element Saha fractions
     n_e = out["n_protons"] - out["n_hminus"]
-    for el in eos.DONORS[1:]:
+    f = eos.ionisation_fractions("He", t, out["n_e"])
+    n_e = n_e + 10.0 ** (ab["He"] - 12.0) * out["n_h"] * (f[..., 1] + 2.0 * f[..., 2])
+    torch.testing.assert_close(out["n_he_neutral"], 10.0 ** (ab["He"] - 12.0) * out["n_h"]
+                               * f[..., 0], rtol=1e-10, atol=0.0)
+    for el in eos.DONORS[2:]:
         f = eos.ionisation_fractions(el, t, out["n_e"])
-        n_e = n_e + 10.0 ** (ab[el] - 12.0) * out["n_h"] * (f[..., 1] + 2.0 * f[..., 2])
+        r = f[..., 1] / f[..., 0]
+        n_e = n_e + 10.0 ** (ab[el] - 12.0) * out["n_h"] * r / (1.0 + r)
     torch.testing.assert_close(n_e, out["n_e"], rtol=1e-9, atol=0.0)
     # ideal gas: p = (n_H Σε + n_e) k T
     eps_sum = sum(10.0 ** (v - 12.0) for v in ab.values())
