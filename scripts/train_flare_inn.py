@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this wall time (resume later with the same command)")
     p.add_argument("--slice-epochs", type=int, default=10)
+    p.add_argument("--fov-out", default=str(REPO / "iris_lab/data/flare_fov.nc"),
+                   help="synthetic CRISP-like field of view for notebook 07 ('' = none)")
     args = p.parse_args(argv)
 
     import torch
@@ -60,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     from iris_lab.methods.inn import FlareINN
 
     data = xr.load_dataset(args.data, engine="h5netcdf")
+    held_note = "held_out variable of the flare set (20 % of the sequences)"
+    held = data["held_out"].values.astype(bool)
+    if held.all() or not held.any():
+        # a partial set may hold only training or only held-out sequences:
+        # hold out a seeded 20 % of the samples instead, and say so
+        held = np.random.default_rng(args.seed).random(held.size) < 0.2
+        held[np.random.default_rng(args.seed).integers(held.size)] = True
+        data["held_out"] = ("sample", held)
+        held_note = "seeded 20 % of the samples (the partial set's sequences were one-sided)"
     kw = dict(width=args.width, hidden=args.hidden, n_latent=args.n_latent,
               n_blocks=args.n_blocks, batch_size=args.batch_size,
               batches_per_epoch=args.batches_per_epoch, max_epochs=args.max_epochs,
@@ -85,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prov = {
         "data": Path(args.data).name, "data_attrs": {k: str(v) for k, v in data.attrs.items()},
+        "held_out": held_note,
         "n_samples": int(data.sizes["sample"]), "n_held_out": int(held.sizes["sample"]),
         "epochs_trained": inn.n_epochs_, "finished": bool(inn.finished_),
         "best_epoch": inn.best_epoch_, "held_out_forward_mse": mse,
@@ -94,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         "built": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     inn.save(args.out, provenance=prov)
+    if args.fov_out:
+        from iris_lab.methods.inn import synthetic_flare_map
+
+        cube, truth = synthetic_flare_map(data, (16, 24), seed=7, noise=0.01)
+        truth = truth.assign({q: truth[q].astype(np.float32)
+                              for q in ("n_e", "temperature", "v_los")})
+        fov = xr.merge([cube.astype(np.float32), truth])
+        fov.attrs = {"source": "synthetic CRISP-like map built from held-out flare-set samples",
+                     "built_by": prov["command"], "flare_set": prov["data"],
+                     "noise_relative": 0.01, "seed": 7}
+        fov.to_netcdf(args.fov_out, engine="h5netcdf")
+        print(f"wrote {args.fov_out}")
     print(json.dumps({k: prov[k] for k in ("n_samples", "epochs_trained", "finished",
                                            "best_epoch", "held_out_forward_mse")}))
     print(f"wrote {args.out}")
