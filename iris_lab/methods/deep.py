@@ -76,6 +76,10 @@ FILE_FORMAT = "iris_lab.deepiris2"
 FILE_VERSION = "1"
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "deepiris2.safetensors"
 _CHECKPOINT_NAME = "deepiris2_checkpoint.pt"
+# Smallest per-wavelength scale [dex] of the standardised log intensity.
+_INPUT_STD_FLOOR = 0.01
+# Standardised inputs are clipped to ± this before the networks (no wild extrapolation).
+_INPUT_CLIP = 10.0
 # Fraction of masked samples above which a pixel gets no prediction.
 _MASKED_FRACTION = 0.5
 # A standardised input beyond this many σ of the training set is "out of range" ...
@@ -172,11 +176,14 @@ def _targets(db: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
     return values, sigmas
 
 
-def _standardise_stats(a: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    mean = a.mean(axis=axis)
-    std = a.std(axis=axis)
-    std = np.where(std > 1e-6 * (np.abs(mean) + 1e-6), std, 1.0)
-    return mean, std
+def _standardise_stats(a: np.ndarray, floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over entries (axis 0); each std at least ``floor`` and at least 10⁻³ of
+    the largest std of its row (so that an almost constant column is not blown up)."""
+    mean = a.mean(axis=0)
+    std = a.std(axis=0)
+    top = std.max(axis=-1, keepdims=True) if std.ndim > 1 else std.max()
+    std = np.maximum(std, np.maximum(1e-3 * top, floor))
+    return mean, np.where(std > 0, std, 1.0)
 
 
 class DeepIRIS2:
@@ -223,6 +230,10 @@ class DeepIRIS2:
     n_components
         Number of principal components of the standardised training profiles
         the networks see (None: all wavelengths).
+    noise_exptime
+        Exposure time [s] of the IRIS photon + read noise
+        (:func:`iris_lab.instrument.iris_noise_sigma`) added afresh to the
+        training profiles in every batch; None trains on noise-free profiles.
 
     Attributes
     ----------
@@ -252,7 +263,8 @@ class DeepIRIS2:
                  validation_fraction: float = 0.2, weight_decay: float = 0.0,
                  emulator_hidden: tuple[int, ...] = (96,), chi2_quantile: float = 0.995,
                  checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-                 predict_batch_size: int = 16384, n_components: int | None = 64) -> None:
+                 predict_batch_size: int = 16384, n_components: int | None = 64,
+                 noise_exptime: float | None = 8.0) -> None:
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         self.dropout = dropout
         self.lr = lr
@@ -269,6 +281,7 @@ class DeepIRIS2:
         self.progress = progress
         self.predict_batch_size = predict_batch_size
         self.n_components = n_components
+        self.noise_exptime = noise_exptime
 
     # ------------------------------------------------------------------ set-up
     def _architecture(self) -> dict[str, Any]:
@@ -342,9 +355,19 @@ class DeepIRIS2:
         if not floor > 0:
             raise ValueError("database profiles have a non-positive median intensity")
         log_profile = np.log10(np.maximum(profile, floor))
-        in_mean, in_std = _standardise_stats(log_profile[train_idx])
         t_mean, t_std = _standardise_stats(values[train_idx])
         s_mean, s_std = _standardise_stats(log_sigma[train_idx])
+        # IRIS-like photon + read noise (an exposure of noise_exptime s) is added
+        # to the training profiles afresh in every batch, so that the networks
+        # see what a raster holds; one fixed realisation sets the input scales
+        # and the validation inputs.
+        noise_sigma = self._noise_sigma(profile)
+        noisy = profile + noise_sigma * rng.standard_normal(profile.shape)
+        log_noisy = np.log10(np.maximum(noisy, floor))
+        # A wavelength whose intensity hardly varies over the database (a far
+        # wing) must not turn noise into a huge input: its scale is at least
+        # _INPUT_STD_FLOOR dex (2.3 %).
+        in_mean, in_std = _standardise_stats(log_noisy[train_idx], _INPUT_STD_FLOOR)
         peaks = profile[train_idx].max(1)
         self.normalisation_ = {
             "intensity_floor": np.float64(floor), "input_mean": in_mean, "input_std": in_std,
@@ -361,12 +384,19 @@ class DeepIRIS2:
         components = components * flip
         self.normalisation_["components"] = components
         self.explained_variance_ratio_ = evals[::-1][:n_comp] / evals.sum()
-        x = (z @ components).astype(np.float32)
+        c_clean = (z @ components).astype(np.float32)
+        x_val = (np.clip((log_noisy[val_idx] - in_mean) / in_std, -_INPUT_CLIP, _INPUT_CLIP)
+                 @ components).astype(np.float32)
         y = np.concatenate([(values - t_mean) / t_std, (log_sigma - s_mean) / s_std],
                            axis=1).astype(np.float32)  # (entry, 8, depth)
 
         device = torch.device(self.device)
-        x_t, y_t = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        y_t = torch.from_numpy(y).to(device)
+        c_t = torch.from_numpy(c_clean).to(device)
+        x_val_t = torch.from_numpy(x_val).to(device)
+        intensity_t = torch.from_numpy(profile.astype(np.float32)).to(device)
+        noise_t = torch.from_numpy(noise_sigma.astype(np.float32)).to(device)
+        norm_t = self._torch_normalisation(device)
         tr = torch.from_numpy(train_idx).to(device)
         va = torch.from_numpy(val_idx).to(device)
         n_nets = 2 * len(QUANTITIES) + 1  # + the emulator
@@ -388,7 +418,7 @@ class DeepIRIS2:
             ckpt_dir = Path(self.checkpoint_dir)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             ckpt_path = ckpt_dir / _CHECKPOINT_NAME
-            fingerprint = self._fingerprint(x, y, train_idx)
+            fingerprint = self._fingerprint(c_clean, y, train_idx)
             if ckpt_path.exists():
                 ck = self._read_checkpoint(ckpt_path, fingerprint)
                 self._load_state(ck["state"])
@@ -408,8 +438,9 @@ class DeepIRIS2:
             with self._seeded(self.seed * 100_003 + epoch + 1):
                 gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
                 perm = tr[torch.randperm(tr.numel(), generator=gen).to(device)]
-                train_loss = self._train_epoch(x_t, y_t, perm, optimiser)
-            val_loss = self._losses(x_t[va], y_t[va])
+                train_loss = self._train_epoch(intensity_t, noise_t, norm_t, c_t, y_t, perm,
+                                               optimiser)
+            val_loss = self._losses(x_val_t, c_t[va], y_t[va])
             history["train"].append(train_loss.tolist())
             history["validation"].append(val_loss.tolist())
             improved = val_loss < best_loss
@@ -429,8 +460,9 @@ class DeepIRIS2:
                             zip([*QUANTITIES, *(f"sigma_{q}" for q in QUANTITIES), "emulator"],
                                 best_epoch, strict=True)}
         self.best_validation_loss_ = best_loss
-        z_val = torch.from_numpy(z[val_idx].astype(np.float32)).to(device)
-        chi2 = self._forward(z_val)["chi2"].cpu().numpy()
+        z_val = np.clip((log_noisy[val_idx] - in_mean) / in_std, -_INPUT_CLIP, _INPUT_CLIP)
+        chi2 = self._forward(torch.from_numpy(z_val.astype(np.float32)).to(device))["chi2"]
+        chi2 = chi2.cpu().numpy()
         self.chi2_threshold_ = float(np.quantile(chi2, self.chi2_quantile))
         return self
 
@@ -442,15 +474,38 @@ class DeepIRIS2:
             torch.manual_seed(int(seed) % (2**63))
             yield
 
-    def _train_epoch(self, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor,
-                     optimiser: torch.optim.Optimizer) -> np.ndarray:
+    def _noise_sigma(self, profile: np.ndarray) -> np.ndarray:
+        """1σ IRIS photon + read noise [intensity units] for an exposure of noise_exptime s."""
+        if not self.noise_exptime:
+            return np.zeros_like(profile)
+        from iris_lab import instrument
+
+        t = float(self.noise_exptime)
+        dn = instrument.iris_intensity_to_dn(profile, t, wavelength=self.wavelength_)
+        sigma_dn_per_s = instrument.iris_noise_sigma(dn) / t
+        return np.asarray(instrument.iris_dn_to_intensity(sigma_dn_per_s,
+                                                          wavelength=self.wavelength_),
+                          dtype=np.float64)
+
+    @staticmethod
+    def _components_of(intensity: torch.Tensor, n: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Intensities (batch, wavelength) → clipped standardised log → components."""
+        x = (torch.log10(intensity.clamp_min(n["intensity_floor"])) - n["input_mean"]) \
+            / n["input_std"]
+        return x.clamp(-_INPUT_CLIP, _INPUT_CLIP) @ n["components"]
+
+    def _train_epoch(self, intensity: torch.Tensor, noise: torch.Tensor,
+                     norm: dict[str, torch.Tensor], c_clean: torch.Tensor, y: torch.Tensor,
+                     perm: torch.Tensor, optimiser: torch.optim.Optimizer) -> np.ndarray:
         self.networks_.train()
         self.emulator_.train()
         total = np.zeros(2 * len(QUANTITIES) + 1)
         n_seen = 0
         for start in range(0, perm.numel(), self.batch_size):
             idx = perm[start:start + self.batch_size]
-            losses = self._batch_losses(x[idx], y[idx])
+            observed = intensity[idx] + noise[idx] * torch.randn_like(noise[idx])
+            x = self._components_of(observed, norm)
+            losses = self._batch_losses(x, c_clean[idx], y[idx])
             optimiser.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimiser.step()
@@ -458,23 +513,29 @@ class DeepIRIS2:
             n_seen += idx.numel()
         return total / max(n_seen, 1)
 
-    def _batch_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean squared error of each network (8 value/σ networks + emulator)."""
+    def _batch_losses(self, x: torch.Tensor, c_clean: torch.Tensor, y: torch.Tensor
+                      ) -> torch.Tensor:
+        """Mean squared error of each network (8 value/σ networks + emulator).
+
+        ``x``: input components (noisy profile); ``c_clean``: components of the
+        noise-free profile, the emulator's target.
+        """
         out = self.networks_(x)  # (8, batch, depth)
         net_loss = ((out - y.transpose(0, 1)) ** 2).mean(dim=(1, 2))
         n_q = len(QUANTITIES)
         emu = self.emulator_(y[:, :n_q].reshape(y.shape[0], -1))
-        emu_loss = ((emu - x) ** 2).mean().unsqueeze(0)
+        emu_loss = ((emu - c_clean) ** 2).mean().unsqueeze(0)
         return torch.cat([net_loss, emu_loss])
 
     @torch.inference_mode()
-    def _losses(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    def _losses(self, x: torch.Tensor, c_clean: torch.Tensor, y: torch.Tensor) -> np.ndarray:
         self.networks_.eval()
         self.emulator_.eval()
         total = np.zeros(2 * len(QUANTITIES) + 1)
         for start in range(0, x.shape[0], 8192):
             sl = slice(start, start + 8192)
-            total += self._batch_losses(x[sl], y[sl]).cpu().numpy() * x[sl].shape[0]
+            total += self._batch_losses(x[sl], c_clean[sl], y[sl]).cpu().numpy() * \
+                x[sl].shape[0]
         return total / x.shape[0]
 
     # ----------------------------------------------------------- state helpers
@@ -512,7 +573,7 @@ class DeepIRIS2:
         config = {"hidden_sizes": self.hidden_sizes, "dropout": self.dropout, "lr": self.lr,
                   "batch_size": self.batch_size, "seed": self.seed,
                   "weight_decay": self.weight_decay, "emulator_hidden": self.emulator_hidden,
-                  "n_components": self.n_components,
+                  "n_components": self.n_components, "noise_exptime": self.noise_exptime,
                   "validation_fraction": self.validation_fraction}
         h.update(json.dumps(config, sort_keys=True, default=list).encode())
         return h.hexdigest()
@@ -643,6 +704,7 @@ class DeepIRIS2:
                      - n["input_mean"]) / n["input_std"]
                 x = torch.where(finite, x, 0.0)  # masked sample → training mean
                 far = (x.abs() > _OUT_OF_RANGE_Z).to(torch.float32).mean(1)
+                x = x.clamp(-_INPUT_CLIP, _INPUT_CLIP)
                 res = self._forward(x, None if bool(finite.all()) else finite)
                 dead = masked_fraction > _MASKED_FRACTION
                 flags = (dead.to(torch.uint8)
@@ -690,8 +752,12 @@ class DeepIRIS2:
             "training_entries": self.n_entries_, "training_mu": self.mu_})
 
     # --------------------------------------------------------------- save/load
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write weights, normalisation and architecture to a safetensors file."""
+    def save(self, path: str | os.PathLike, provenance: dict[str, Any] | None = None) -> Path:
+        """Write weights, normalisation and architecture to a safetensors file.
+
+        ``provenance`` (how the weights were built) is stored in the metadata
+        and comes back as ``training_provenance_`` from :meth:`load`.
+        """
         from safetensors.torch import save_file
 
         self._check_fitted()
@@ -712,7 +778,7 @@ class DeepIRIS2:
         params = {k: getattr(self, k) for k in (
             "hidden_sizes", "dropout", "lr", "max_epochs", "patience", "batch_size", "seed",
             "validation_fraction", "weight_decay", "emulator_hidden", "chi2_quantile",
-            "n_components")}
+            "n_components", "noise_exptime")}
         metadata = {
             "format": FILE_FORMAT, "version": FILE_VERSION,
             "architecture": json.dumps(self._architecture()),
@@ -723,6 +789,8 @@ class DeepIRIS2:
                 "n_epochs": len(self.history_["validation"]),
                 "validation_indices": self.validation_indices_.tolist(),
                 "database_provenance": self.provenance_}),
+            "provenance": json.dumps(provenance if provenance is not None else
+                                     getattr(self, "training_provenance_", {}), default=str),
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -806,6 +874,10 @@ class DeepIRIS2:
         model.validation_indices_ = np.asarray(training["validation_indices"], dtype=np.int64)
         model.provenance_ = dict(training.get("database_provenance", {}))
         model.history_ = {"train": [], "validation": []}
+        try:
+            model.training_provenance_ = json.loads(meta.get("provenance", "{}"))
+        except json.JSONDecodeError:
+            model.training_provenance_ = {}
         model.networks_.to(torch.device(device))
         model.emulator_.to(torch.device(device))
         return model
