@@ -93,6 +93,12 @@ def main() -> None:
                  f"{t_ours:.2f} s", f"{args.pixels / t_ours:,.0f} px/s; "
                  f"{flop / rate / 1e9 / t_ours:.1f}x faster than brute-force GEMM"))
 
+    search = next(iter(model._searches.values()))
+    st = search.stats_
+    rows.append(("  pruning: bound pairs / (pixels x entries); exact candidates per pixel",
+                 f"{st['bound_pairs'] / st['pixels'] / args.entries:.3f}; "
+                 f"{st['candidates'] / st['pixels']:.2f}",
+                 f"basis {search.n_components_} + 1 dims, {search.n_groups_} entry groups"))
     idx = result["index"].values.ravel()
     sub = rng.choice(args.pixels, size=min(args.check, args.pixels), replace=False)
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from iris_lab.methods.iris2 import (
     IRIS2,
     brute_force_lookup,
     load_database,
+    synthetic_raster,
     toy_database,
 )
 from iris_lab.methods.search import NearestProfileSearch, brute_force_nearest
@@ -86,7 +87,11 @@ def test_predict_recovers_database_entries_exactly(model, db):
                                                                 "high_chi2"]
 
 
-def test_predict_matches_brute_force_with_masks_and_flags(model, db, noisy):
+def test_predict_matches_brute_force_with_masks_and_flags(model, db, noisy, monkeypatch):
+    import iris_lab.methods.iris2 as iris2_module
+
+    # a shared mask pattern of 80 pixels takes the pruned path with weights w·m
+    monkeypatch.setattr(iris2_module, "_MIN_GROUP", 64)
     obs = noisy.copy()
     obs[:80, 40:60] = np.nan        # one shared partial mask (pruned path, w·m weights)
     for i in range(80, 85):          # unique partial masks (brute-force path)
@@ -199,3 +204,61 @@ def test_umf_analytic_offsets():
     assert set(table["region"]) == {"full_fov", "top", "bottom"}
     with pytest.raises(ValueError, match="needs variables"):
         uncertainty_multiplication_factor(result.drop_vars("sigma_v_los"), truth)
+
+
+def test_real_level2_raster_through_the_lookup(model):
+    """The real (decimated) irispy-lmsal raster: DN/s -> intensity, interpolated, flagged."""
+    import glob
+    import os
+
+    irispy = pytest.importorskip("irispy")
+    from iris_lab.io.iris import read_iris_raster
+
+    path = sorted(glob.glob(os.path.join(os.path.dirname(irispy.__file__), "data", "test",
+                                         "raster", "*_raster", "*r00000.fits")))[0]
+    raster = read_iris_raster(path)
+    res = model.predict(raster)
+    assert res["index"].shape == raster.shape[:2]
+    q = res["quality"].values
+    # pixels whose samples are all missing are flagged masked and get no model
+    all_missing = raster["mask"].values.all(-1)
+    assert all_missing.any() and (q[all_missing] & 1).all()
+    assert (res["index"].values[all_missing] == -1).all()
+    usable = res["index"].values >= 0
+    assert usable.any() and np.isfinite(res["temperature"].values[usable]).all()
+    assert "mu" in res.coords
+
+
+def test_shipped_database_schema_works_with_the_lookup():
+    from iris_lab.methods.iris2 import SHIPPED_DATABASE
+
+    if not SHIPPED_DATABASE.exists():
+        pytest.skip("shipped Mg II database not built yet")
+    shipped = IRIS2().fit()
+    n = shipped.database_.sizes["entry"]
+    idx = np.arange(min(n, 12)).reshape(1, -1)
+    res = shipped.predict(shipped.profiles(idx))
+    np.testing.assert_array_equal(res["index"].values, idx)
+
+
+def test_explorer_select_and_slider_update_panels(model, db):
+    pytest.importorskip("ipywidgets")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from iris_lab.methods.rp import RepresentativeProfiles
+    from iris_lab.methods.umf import uncertainty_multiplication_factor
+    from iris_lab.widgets.iris2 import IRIS2Explorer
+
+    raster, truth, _ = synthetic_raster(toy_database(200, seed=9), (8, 10), seed=0)
+    res = model.predict(raster)
+    rp = RepresentativeProfiles(n_profiles=5).fit(raster)
+    ex = IRIS2Explorer(raster, res, model, rp=rp,
+                       umf=uncertainty_multiplication_factor(res, truth))
+    before, png = ex.readout.value, ex.detail.value
+    ex.select(5, 7)
+    assert ex.readout.value.startswith("pixel y=5 x=7") and ex.readout.value != before
+    assert f"entry {int(res['index'].values[5, 7])}" in ex.readout.value
+    assert ex.detail.value != png
+    ex.slider.value = 5
+    assert ex.readout.value.endswith(f"log τ {res.log_tau.values[5]:.1f}")

@@ -60,8 +60,9 @@ MODEL_VARIABLES: dict[str, tuple[str, str, str]] = {
 FLAG_MEANINGS: tuple[str, ...] = ("masked", "low_signal", "high_chi2", "partly_masked")
 FLAG_MASKS: tuple[int, ...] = (1, 2, 4, 8)
 _MASKED_FRACTION = 0.5
-#: Mask patterns shared by fewer pixels than this are matched by the brute-force path.
-_MIN_GROUP = 64
+#: Mask patterns shared by fewer pixels than this are matched by brute force (cheaper than
+#: building a pruned search for a new weight pattern).
+_MIN_GROUP = 1024
 
 
 def mgii_wavelengths() -> np.ndarray:
