@@ -237,6 +237,18 @@ def test_save_load_roundtrip_and_bad_files(trained, heldout, tmp_path):
         DeepIRIS2.load(tmp_path / "other.safetensors")
 
 
+def test_entries_without_sigma_train_the_value_networks_only():
+    db = toy_database(60, seed=0)
+    sig = db["sigma_v_los"].values.copy()
+    sig[5:] = np.nan  # σ from response functions for 5 entries only
+    model = small_model(max_epochs=3).fit(db.assign(sigma_v_los=(db["sigma_v_los"].dims, sig)))
+    assert model.n_entries_ == 60 and model.n_sigma_entries_.tolist() == [60, 5, 60, 60]
+    assert np.isfinite(model.predict(as_raster(db, ny=2))["sigma_v_los"].values).all()
+    sig[1:] = np.nan
+    with pytest.raises(ValueError, match="σ is known"):
+        small_model().fit(db.assign(sigma_v_los=(db["sigma_v_los"].dims, sig)))
+
+
 def test_bad_database_and_unfitted():
     with pytest.raises(ValueError, match="lacks variables"):
         small_model().fit(toy_database(50, seed=0).drop_vars("sigma_v_los"))

@@ -42,6 +42,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -179,8 +180,10 @@ def _targets(db: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
 def _standardise_stats(a: np.ndarray, floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std over entries (axis 0); each std at least ``floor`` and at least 10⁻³ of
     the largest std of its row (so that an almost constant column is not blown up)."""
-    mean = a.mean(axis=0)
-    std = a.std(axis=0)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (σ not known)
+        mean = np.nan_to_num(np.nanmean(a, axis=0))
+        std = np.nan_to_num(np.nanstd(a, axis=0))
     top = std.max(axis=-1, keepdims=True) if std.ndim > 1 else std.max()
     std = np.maximum(std, np.maximum(1e-3 * top, floor))
     return mean, np.where(std > 0, std, 1.0)
@@ -330,8 +333,7 @@ class DeepIRIS2:
         profile = db["profile"].transpose("entry", "wavelength").values.astype(np.float64)
         db = db.transpose("entry", "log_tau", ...)
         values, log_sigma = _targets(db)
-        good = (np.isfinite(profile).all(1) & np.isfinite(values).all((1, 2))
-                & np.isfinite(log_sigma).all((1, 2)))
+        good = np.isfinite(profile).all(1) & np.isfinite(values).all((1, 2))
         if "converged" in db:
             good &= db["converged"].values.astype(bool)
         if good.sum() < 10:
@@ -339,6 +341,14 @@ class DeepIRIS2:
         self.n_entries_ = int(good.sum())
         self.database_indices_ = np.flatnonzero(good)
         profile, values, log_sigma = profile[good], values[good], log_sigma[good]
+        # Entries without σ (no response functions and no regression fill-in)
+        # train the value networks only; the σ networks learn from the others.
+        has_sigma = np.isfinite(log_sigma).all(2)  # (entry, quantity)
+        if (has_sigma.sum(0) < 2).any():
+            raise ValueError(f"σ is known for only {has_sigma.sum(0).tolist()} entries per "
+                             f"quantity {list(QUANTITIES)}; at least 2 are needed")
+        log_sigma = np.where(has_sigma[..., None], log_sigma, np.nan)
+        self.n_sigma_entries_ = has_sigma.sum(0)
 
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(profile.shape[0])
@@ -392,6 +402,8 @@ class DeepIRIS2:
 
         device = torch.device(self.device)
         y_t = torch.from_numpy(y).to(device)
+        val_counts = np.concatenate([np.full(len(QUANTITIES), val_idx.size),
+                                     has_sigma[val_idx].sum(0), [val_idx.size]])
         c_t = torch.from_numpy(c_clean).to(device)
         x_val_t = torch.from_numpy(x_val).to(device)
         intensity_t = torch.from_numpy(profile.astype(np.float32)).to(device)
@@ -441,6 +453,8 @@ class DeepIRIS2:
                 train_loss = self._train_epoch(intensity_t, noise_t, norm_t, c_t, y_t, perm,
                                                optimiser)
             val_loss = self._losses(x_val_t, c_t[va], y_t[va])
+            # a σ network without validation entries stops on its training loss
+            val_loss = np.where(val_counts > 0, val_loss, train_loss)
             history["train"].append(train_loss.tolist())
             history["validation"].append(val_loss.tolist())
             improved = val_loss < best_loss
@@ -521,7 +535,10 @@ class DeepIRIS2:
         noise-free profile, the emulator's target.
         """
         out = self.networks_(x)  # (8, batch, depth)
-        net_loss = ((out - y.transpose(0, 1)) ** 2).mean(dim=(1, 2))
+        target = y.transpose(0, 1)
+        known = torch.isfinite(target)  # σ may be unknown for some entries
+        sq = torch.where(known, out - torch.where(known, target, 0.0), 0.0) ** 2
+        net_loss = sq.sum(dim=(1, 2)) / known.sum(dim=(1, 2)).clamp_min(1)
         n_q = len(QUANTITIES)
         emu = self.emulator_(y[:, :n_q].reshape(y.shape[0], -1))
         emu_loss = ((emu - c_clean) ** 2).mean().unsqueeze(0)
