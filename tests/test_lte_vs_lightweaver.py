@@ -119,3 +119,30 @@ def test_continuum_5000_matches_lightweaver():
     ratio = ours[1] / ref["stokes"][0, 1]
     # 2 %: the issue's tolerance; measured -1.5 % (our κ is ~1-1.8 % higher, see top)
     assert abs(ratio - 1.0) <= 0.02, f"I_c(5000 Å) ours / Lightweaver = {ratio:.4f}"
+
+
+def test_4015_4017_window_matches_lightweaver():
+    """The 18 blended lines of the shipped Kurucz list, FAL-C, Stokes I.
+
+    Lightweaver gets model atoms built from the list (one per element: the
+    lines' levels plus the next stage's ground level, Kurucz-scaled damping);
+    our engine reads the same atoms back. Lightweaver's LTE populations of
+    such small atoms use partition sums over their few levels; both codes use
+    those populations here, so this checks opacities, profiles and transfer.
+    """
+    from iris_lab.atomic import LineList
+    from iris_lab.synthesis import lightweaver_lte as lwl
+
+    falc = Atmosphere.reference("falc")
+    wavelengths = np.linspace(4015.0, 4017.0, 301)
+    atoms = lwl.kurucz_model_atoms(LineList.shipped("4015_4017"))
+    ref = lwl.run_lightweaver(falc, atoms, wavelengths, stokes=False)
+    data = lwl.line_data_from_atoms(ref["atoms"])
+    assert len(data) == 18
+    pops = lwl.lightweaver_populations(ref["eq_pops"], data, ref["atoms"], falc.temperature)
+    ours = _ours(falc, data, pops, wavelengths)[0]
+    theirs = ref["stokes"][0]
+    a, b = ours / ours.max(), theirs / theirs.max()
+    assert b.min() < 0.5
+    rms = np.sqrt(np.mean((a - b) ** 2))
+    assert rms <= 0.01, f"4015-4017 Å Stokes I rms {rms:.4f} > 1 %"

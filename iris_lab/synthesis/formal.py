@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["delo_bezier", "apply_kprime", "solve_one_plus_kprime"]
+__all__ = ["delo_bezier", "bezier_intensity", "apply_kprime", "solve_one_plus_kprime"]
 
 _SERIES_TERMS = 9
 _SMALL_STEP = 0.05
@@ -214,3 +214,26 @@ def delo_bezier(
         )
         stokes = solve_one_plus_kprime(here, psi0[..., k], rhs)
     return stokes
+
+
+def bezier_intensity(tau: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Emergent intensity of the unpolarized problem (quadratic Bézier source).
+
+    Same scheme as :func:`delo_bezier` with ``K′ = 0``; ``tau`` and ``source``
+    (..., depth), thermalised lower boundary. Returns (...,).
+
+    Example
+    -------
+    >>> import torch
+    >>> tau = torch.logspace(-6, 2, 60, dtype=torch.float64)
+    >>> round(float(bezier_intensity(tau, 1.0 + 1.5 * tau)), 6)
+    2.5
+    """
+    control = _control_points(tau, source.unsqueeze(-1))[..., 0]
+    step = tau[..., 1:] - tau[..., :-1]
+    e, _, _, w0, wc, wu = _weights(step)
+    intensity = source[..., -1] + (source[..., -1] - source[..., -2]) / step[..., -1]
+    for k in range(tau.shape[-1] - 2, -1, -1):
+        intensity = (e[..., k] * intensity + w0[..., k] * source[..., k]
+                     + wc[..., k] * control[..., k] + wu[..., k] * source[..., k + 1])
+    return intensity

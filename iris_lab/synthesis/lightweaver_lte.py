@@ -139,8 +139,13 @@ def kurucz_model_atoms(line_list: Any, n_lambda: int = 101) -> list:
     effective Landé factor. Upper-level energies are set so that each line's
     vacuum wavelength equals ``wavelength_vacuum``.
     """
-    import lightweaver as lw
-    from lightweaver.atomic_model import AtomicLevel, AtomicModel, LineType, VoigtLine
+    from lightweaver.atomic_model import (
+        AtomicLevel,
+        AtomicModel,
+        LinearCoreExpWings,
+        LineType,
+        VoigtLine,
+    )
     from lightweaver.atomic_table import PeriodicTable
     from lightweaver.broadening import LineBroadening, RadiativeBroadening
 
@@ -187,7 +192,7 @@ def kurucz_model_atoms(line_list: Any, n_lambda: int = 101) -> list:
             lines.append(VoigtLine(
                 j=position[up], i=position[low], f=10.0 ** float(line_list.log_gf[k]) / g_low,
                 type=LineType.CRD,
-                quadrature=lw.LinearCoreExpWings(qCore=1.5, qWing=5, Nlambda=n_lambda),
+                quadrature=LinearCoreExpWings(qCore=1.5, qWing=5, Nlambda=n_lambda),
                 broadening=broad,
                 gLandeEff=None if g_eff is None else float(np.asarray(g_eff)[k])))
         atoms.append(AtomicModel(element=PeriodicTable[element], levels=levels, lines=lines,

@@ -9,8 +9,9 @@ emergent Stokes vector ``(..., 4, wavelength)`` of a list of blended lines:
    scattering counted as absorption (LTE source function ``S = B``);
 3. lines: LTE (Saha–Boltzmann) lower-level populations with stimulated
    emission, Doppler width from temperature and microturbulence, damping
-   ``Γ = Γ_rad + Γ_Stark + Γ_vdW`` (Kurucz-style ``log Γ`` at 10⁴ K scaled as
-   T^(1/6) n_e and T^0.3 n_HI, or Anstee–Barklem–O'Mara σ/α), Voigt and
+   ``Γ = Γ_rad + Γ_Stark + Γ_vdW`` from ``LineList.damping`` (else
+   Kurucz-style ``log Γ`` at 10⁴ K scaled as T^(1/6) n_e and T^0.3 n_HI, or
+   Anstee–Barklem–O'Mara σ/α), Voigt and
    Faraday–Voigt profiles (:mod:`iris_lab.synthesis.profiles`) per Zeeman
    component, the polarized propagation matrix (Landi Degl'Innocenti &
    Landolfi 2004, eqs. 9.32);
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from iris_lab.synthesis.formal import delo_bezier
+from iris_lab.synthesis.formal import bezier_intensity, delo_bezier
 from iris_lab.synthesis.profiles import voigt_faraday
 
 __all__ = ["LTESynthesizer", "continuum_intensity", "planck_lambda", "zeeman_components"]
@@ -221,8 +222,7 @@ def continuum_intensity(
     engine._continuum = continuum
     engine.abundances = None
     p = engine.propagation(fields, lines=False)
-    zero = torch.zeros_like(p["tau"])
-    return delo_bezier(p["tau"], p["planck"], [zero] * 6)[..., 0]
+    return bezier_intensity(p["tau"], p["planck"])
 
 
 class LTESynthesizer:
@@ -257,6 +257,9 @@ class LTESynthesizer:
         Overrides of log ε per element (Asplund et al. 2009 otherwise).
     n_terms
         Terms of the Faddeeva expansion (24: < 3e-5 relative error).
+    polarized
+        ``False`` for field-free Stokes I only (one unsplit profile per line,
+        scalar formal solver; Q = U = V = 0 returned), several times faster.
 
     Raises
     ------
@@ -286,8 +289,10 @@ class LTESynthesizer:
         continuum: Callable[..., Tensor] | None = None,
         abundances: Mapping[str, float] | None = None,
         n_terms: int = 24,
+        polarized: bool = True,
     ) -> None:
         self.device = torch.device(device)
+        self.polarized = bool(polarized)
         self.dtype = torch.float64
         grid = torch.as_tensor(np.asarray(wavelengths_aa, dtype=np.float64)
                                if not isinstance(wavelengths_aa, Tensor)
@@ -328,7 +333,8 @@ class LTESynthesizer:
             "mass": array("mass"), "log_gamma_rad": array("log_gamma_rad", 0.0),
             "log_gamma_stark": array("log_gamma_stark", -99.0),
             "log_gamma_vdw": array("log_gamma_vdw", -99.0),
-            "abo_sigma": array("abo_sigma", 0.0), "abo_alpha": array("abo_alpha", 0.0),
+            "abo_sigma": np.nan_to_num(array("abo_sigma", 0.0), nan=0.0),
+            "abo_alpha": np.nan_to_num(array("abo_alpha", 0.0), nan=0.0),
         }
         for name, values in numeric.items():
             bad = np.flatnonzero(~np.isfinite(values))
@@ -375,6 +381,15 @@ class LTESynthesizer:
         pattern = getattr(line_list, "zeeman_pattern", None)
         if callable(pattern):
             result = pattern()
+            groups = ("sigma_b", "pi", "sigma_r")
+            if isinstance(result, Mapping) and all(g in result for g in groups):
+                shifts = np.stack([np.asarray(result[g]["shift"], dtype=np.float64)
+                                   for g in groups], axis=1)
+                strengths = np.stack([
+                    np.where(np.asarray(result[g]["mask"], dtype=bool),
+                             np.asarray(result[g]["strength"], dtype=np.float64), 0.0)
+                    for g in groups], axis=1)
+                return shifts, strengths
             if isinstance(result, Mapping):
                 shifts = np.asarray(result["shifts"], dtype=np.float64)
                 strengths = np.asarray(result["strengths"], dtype=np.float64)
@@ -465,6 +480,11 @@ class LTESynthesizer:
 
     def _damping(self, t: Tensor, n_e: Tensor, n_h_neutral: Tensor, lam0_cm: Tensor,
                  doppler_cm: Tensor) -> Tensor:
+        widths = getattr(self.line_list, "damping", None)
+        if callable(widths):
+            # the line list's own damping recipe (iris_lab.atomic.LineList.damping)
+            gamma = widths(t, n_e, n_h_neutral)["total"].transpose(-1, -2)
+            return gamma * lam0_cm**2 / (4.0 * math.pi * C_LIGHT * doppler_cm)
         t_l = t.unsqueeze(-2)
         gamma = (self._gamma_rad[:, None]
                  + self._gamma_stark[:, None] * n_e.unsqueeze(-2) * (t_l / 1e4) ** (1.0 / 6.0)
@@ -559,6 +579,12 @@ class LTESynthesizer:
         v = ((self.wavelengths[:, None] - centre.unsqueeze(-2))
              / doppler.unsqueeze(-2))                                # (..., L, λ, D)
         a = damping.unsqueeze(-2)
+        if not self.polarized:
+            h, _ = voigt_faraday(a, v, self.n_terms)
+            e_i = (strength.unsqueeze(-2) * h).sum(-3)
+            zero = torch.zeros_like(eta_c)
+            return ({"i": eta_c + e_i, "q": zero, "u": zero, "v": zero},
+                    {"q": zero, "u": zero, "v": zero})
         larmor = (LARMOR_AA * lam0**2 * f["b_field"].unsqueeze(-2) / doppler).unsqueeze(-2)
         h_groups, l_groups = [], []
         for p in range(3):
@@ -631,6 +657,10 @@ class LTESynthesizer:
         torch.Size([4, 40])
         """
         p = self.propagation(fields, log_gf_offset=log_gf_offset, dlambda=dlambda)
+        if not self.polarized:
+            intensity = bezier_intensity(p["tau"], p["planck"])
+            zero = torch.zeros_like(intensity)
+            return torch.stack([intensity, zero, zero, zero], dim=-2)
         ratios = [p[k] for k in ("eta_q", "eta_u", "eta_v", "rho_q", "rho_u", "rho_v")]
         emergent = delo_bezier(p["tau"], p["planck"], ratios)   # (..., λ, 4)
         return emergent.transpose(-1, -2)
