@@ -34,7 +34,7 @@ def toy_flare_set(n: int = 400, seed: int = 0, n_sequences: int = 20,
     h_tr = 1.5 + 2.0 * a[:, :1]
     temp = (5000.0 + 4000.0 * a[:, 1:2] * hm / 3.0
             + 1e6 / (1.0 + np.exp(-(hm - h_tr) / 0.3)))
-    n_e = np.maximum(10.0 ** (17.0 - 1.5 * hm) * (1.0 + 0.5 * a[:, 2:3]), 1e9)
+    n_e = np.maximum(10.0 ** (17.0 - 1.5 * hm + 0.6 * a[:, 2:3]), 1e9)
     v = 30e5 * (a[:, 3:4] - 0.4) * np.exp(-((hm - h_tr + 0.5) / 0.6) ** 2)
     shift = 2.0 * 6563.0 * v[:, n_height // 2:n_height // 2 + 1] / 3e10
     width = 0.3 + 0.3 * a[:, 1:2]

@@ -52,6 +52,8 @@ FLAG_BITS: dict[str, int] = {"non_finite": 1, "saturated": 2, "no_signal": 4,
                              "high_residual": 8}
 FORMAT = "iris_lab.FlareINN/1"
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "flare_inn.safetensors"
+#: Synthetic CRISP-like field of view built with the shipped weights (notebook 07).
+SHIPPED_FOV = SHIPPED.parent / "flare_fov.nc"
 
 
 # ----------------------------------------------------------------------------- representation
@@ -422,9 +424,13 @@ class FlareINN:
             raise ValueError("flare set needs both training and held-out samples")
         # per-dimension standardisation (a per-quantity one hides the sample-to-sample
         # variation under the height stratification); floor for near-constant heights
+        # floor: 5 % of the quantity's spread over all heights (and 0.01), so that a
+        # height almost constant in the training set does not blow up unseen values
         xt = x_np[~held].astype(np.float64)
+        floor = np.repeat(0.05 * xt.reshape(len(xt), 3, -1).std(axis=(0, 2)), self.n_height_)
         self.x_mean_ = torch.tensor(xt.mean(0), dtype=torch.float32)
-        self.x_std_ = torch.tensor(np.maximum(xt.std(0), 1e-2), dtype=torch.float32)
+        self.x_std_ = torch.tensor(np.maximum(xt.std(0), np.maximum(floor, 1e-2)),
+                                   dtype=torch.float32)
         self._build()
         dev = self.device
         train = _Data(self._scale(torch.from_numpy(x_np[~held])).to(dev),
