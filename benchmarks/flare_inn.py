@@ -1,0 +1,165 @@
+"""FlareINN validation and speed against Radynversion (Osborne et al. 2019).
+
+Validation on the held-out 20 % of the flare set: forward MSE in normalised
+intensity (paper: 5.73e-5), calibration of the posterior (fraction of the true
+values inside the 68 % and 95 % intervals, per quantity, below and above
+3 Mm), and the RMS error of the posterior median per quantity and height band.
+
+Speed: 20,000 posterior draws for one pixel (paper: 893 ms on a GTX 1050 Ti,
+84.5 s on an i7-8700 CPU) and the posterior summary of a map with 200 draws
+per pixel, each beside its floor on this machine: the network's matrix-multiply
+FLOPs per draw times the number of draws, divided by the float32 GEMM rate
+measured in the same run. Timed for the shipped network and for the
+paper-sized architecture (width 384, hidden 384; random weights — the time
+does not depend on their values).
+
+Example
+-------
+``OMP_NUM_THREADS=2 python benchmarks/flare_inn.py --map-size 100``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from iris_lab.methods.inn import QUANTITIES, FlareINN, atmosphere_to_x, normalise_profiles
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = {"forward_mse": 5.73e-5, "draws_20000_gpu_s": 0.893, "draws_20000_cpu_s": 84.5}
+
+
+def gemm_rate(n: int = 8192, k: int = 384, m: int = 384, reps: int = 20) -> float:
+    """Best float32 matrix-multiply rate [FLOP/s] over a few repetitions."""
+    a, b = torch.randn(n, k), torch.randn(k, m)
+    for _ in range(3):
+        a @ b
+    best = np.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n * k * m / best
+
+
+def best_time(fn, repeats: int = 3) -> float:
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def validation(inn: FlareINN, data: xr.Dataset, n_pixels: int, n_draws: int) -> None:
+    mask = data["held_out"].values.astype(bool)
+    if "converged" in data:
+        mask &= data["converged"].values.astype(bool)
+    held = data.isel(sample=np.flatnonzero(mask))
+    y = normalise_profiles(held["halpha"].values, held["ca8542"].values)
+    pred = inn.predict_profiles(held["n_e"].values, held["temperature"].values,
+                                held["v_los"].values)
+    mse = float(((pred - y) ** 2).mean())
+    print(f"\nheld-out samples: {held.sizes['sample']}")
+    print("| metric | FlareINN | Radynversion paper |\n|---|---|---|")
+    print(f"| forward MSE (normalised intensity) | {mse:.3g} | {PAPER['forward_mse']:.3g} |")
+
+    rng = np.random.default_rng(0)
+    pick = rng.choice(held.sizes["sample"], min(n_pixels, held.sizes["sample"]), replace=False)
+    sub = held.isel(sample=np.sort(pick))
+    draws = inn.sample((sub["halpha"].values, sub["ca8542"].values), n_draws, seed=1)
+    nh = inn.n_height_
+    truth = atmosphere_to_x(sub["n_e"].values, sub["temperature"].values, sub["v_los"].values)
+    xd = atmosphere_to_x(draws["n_e"], draws["temperature"], draws["v_los"])
+    lo68, hi68, lo95, hi95, med = np.percentile(xd, [16, 84, 2.5, 97.5, 50], axis=-2)
+    low = inn.heights_ < 3e8
+    print(f"\nposterior calibration ({len(pick)} held-out pixels × {n_draws} draws): fraction "
+          "of true values inside the interval (ideal 0.68 / 0.95); RMS of the median in "
+          "log10 n_e [dex], log10 T [dex], signed log10(|v|/1 km/s + 1)")
+    print("| quantity | band | in 68 % | in 95 % | median RMS |\n|---|---|---|---|---|")
+    for i, q in enumerate(QUANTITIES):
+        sl = slice(i * nh, (i + 1) * nh)
+        for band, sel in (("< 3 Mm", low), ("≥ 3 Mm", ~low)):
+            t, a68, b68 = truth[:, sl][:, sel], lo68[:, sl][:, sel], hi68[:, sl][:, sel]
+            a95, b95, m = lo95[:, sl][:, sel], hi95[:, sl][:, sel], med[:, sl][:, sel]
+            c68 = np.mean((t >= a68) & (t <= b68))
+            c95 = np.mean((t >= a95) & (t <= b95))
+            rms = np.sqrt(np.mean((m - t) ** 2))
+            print(f"| {q} | {band} | {c68:.2f} | {c95:.2f} | {rms:.3f} |")
+    rms_h = np.sqrt(np.mean((med - truth) ** 2, axis=0)).reshape(3, nh)
+    print("\nmedian RMS per height (every 5th height, Mm: log n_e / log T / v):")
+    for j in range(0, nh, 5):
+        print(f"  {inn.heights_[j] / 1e8:6.2f}  {rms_h[0, j]:.3f} / {rms_h[1, j]:.3f} / "
+              f"{rms_h[2, j]:.3f}")
+
+
+def speed(label: str, inn: FlareINN, map_size: int, n_draws_map: int, rate: float,
+          repeats: int = 2) -> None:
+    fl = inn.flops_per_draw()
+    prof = np.concatenate([np.linspace(0.3, 1.0, inn.n_halpha_),
+                           np.linspace(0.5, 1.0, inn.n_ca8542_)])
+    t1 = best_time(lambda: inn.sample(prof, 20000, seed=0), repeats)
+    floor1 = fl * 20000 / rate
+    cube = xr.Dataset(
+        {"halpha": (("y", "x", "dl_halpha"),
+                    np.broadcast_to(prof[:inn.n_halpha_], (map_size, map_size, inn.n_halpha_))
+                    * (1 + 0.01 * np.random.default_rng(0).random((map_size, map_size, 1)))),
+         "ca8542": (("y", "x", "dl_ca8542"),
+                    np.broadcast_to(prof[inn.n_halpha_:], (map_size, map_size, inn.n_ca8542_)))},
+        coords={"dl_halpha": inn.dl_halpha_, "dl_ca8542": inn.dl_ca8542_})
+    n_rt = 16
+    t2 = best_time(lambda: inn.posterior_summary(cube, n_draws_map, n_round_trip=n_rt), 1)
+    floor2 = fl * map_size ** 2 * (n_draws_map + n_rt) / rate
+    print(f"| {label}: 20,000 draws, 1 pixel | {fl / 1e6:.2f} | {t1:.3f} s | {floor1:.3f} s | "
+          f"{t1 / floor1:.2f} | 893 ms GPU / 84.5 s CPU |")
+    print(f"| {label}: {map_size}×{map_size} map × {n_draws_map} draws (+{n_rt} round trip) | "
+          f"{fl / 1e6:.2f} | {t2:.1f} s | {floor2:.1f} s | {t2 / floor2:.2f} | — |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", default=None, help="default: the shipped weights")
+    p.add_argument("--data", default=str(REPO / "iris_lab/data/flare_set.nc"))
+    p.add_argument("--pixels", type=int, default=300, help="held-out pixels for calibration")
+    p.add_argument("--draws", type=int, default=1000, help="draws per pixel for calibration")
+    p.add_argument("--map-size", type=int, default=100)
+    p.add_argument("--map-draws", type=int, default=200)
+    p.add_argument("--paper-map-size", type=int, default=25,
+                   help="map side for the paper-sized network (the 100×100 map takes long)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    inn = (FlareINN.load(args.weights, device=args.device) if args.weights
+           else FlareINN.load_shipped(device=args.device))
+    inn.progress = False
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    print(f"shipped network: width {inn.width}, hidden {inn.hidden}, latent {inn.n_latent}, "
+          f"{inn.n_blocks} blocks, {inn.n_parameters():,} weights; provenance: "
+          f"{getattr(inn, 'provenance_', {}).get('data', '?')}, "
+          f"{getattr(inn, 'provenance_', {}).get('n_samples', '?')} samples")
+    if Path(args.data).exists():
+        validation(inn, xr.load_dataset(args.data, engine="h5netcdf"), args.pixels, args.draws)
+    else:
+        print(f"(no flare set at {args.data}: validation skipped)")
+    rate = gemm_rate()
+    print(f"\nfloat32 GEMM rate measured now: {rate / 1e9:.1f} GFLOP/s")
+    print("| case | MFLOP/draw | time | floor | time/floor | paper |\n|---|---|---|---|---|---|")
+    speed("shipped", inn, args.map_size, args.map_draws, rate)
+    paper = FlareINN(width=384, hidden=384, n_latent=200, n_blocks=5, device=args.device,
+                     progress=False)
+    paper.n_height_, paper.n_halpha_, paper.n_ca8542_ = inn.n_height_, inn.n_halpha_, \
+        inn.n_ca8542_
+    paper.x_mean_, paper.x_std_ = inn.x_mean_, inn.x_std_
+    paper.heights_, paper.dl_halpha_, paper.dl_ca8542_ = (inn.heights_, inn.dl_halpha_,
+                                                          inn.dl_ca8542_)
+    paper._build()
+    paper.net_.eval()
+    speed("paper-sized", paper, args.paper_map_size, args.map_draws, rate, repeats=1)
+
+
+if __name__ == "__main__":
+    main()
