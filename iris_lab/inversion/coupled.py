@@ -311,9 +311,9 @@ class CoupledLevenbergMarquardt:
         lo = torch.full((n,), -torch.inf, dtype=self.dtype, device=self.device)
         hi = torch.full((n,), torch.inf, dtype=self.dtype, device=self.device)
         if lower is not None:
-            lo = torch.broadcast_to(self._t(lower), (n,)).clone()
+            lo = torch.broadcast_to(self._t(np.array(lower, dtype=np.float64)), (n,)).clone()
         if upper is not None:
-            hi = torch.broadcast_to(self._t(upper), (n,)).clone()
+            hi = torch.broadcast_to(self._t(np.array(upper, dtype=np.float64)), (n,)).clone()
         if bool((lo > hi).any()):
             raise ValueError("lower bound above upper bound for some parameter")
         return lo, hi

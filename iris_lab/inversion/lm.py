@@ -549,11 +549,13 @@ class LevenbergMarquardt:
         lo = torch.full((n,), -torch.inf, dtype=self.dtype, device=self.device)
         hi = torch.full((n,), torch.inf, dtype=self.dtype, device=self.device)
         if cycle.lower is not None:
-            lo = torch.broadcast_to(torch.as_tensor(cycle.lower, dtype=self.dtype,
-                                                    device=self.device), (n,)).clone()
+            lo = torch.broadcast_to(torch.as_tensor(np.array(cycle.lower, dtype=np.float64),
+                                                    dtype=self.dtype, device=self.device),
+                                    (n,)).clone()
         if cycle.upper is not None:
-            hi = torch.broadcast_to(torch.as_tensor(cycle.upper, dtype=self.dtype,
-                                                    device=self.device), (n,)).clone()
+            hi = torch.broadcast_to(torch.as_tensor(np.array(cycle.upper, dtype=np.float64),
+                                                    dtype=self.dtype, device=self.device),
+                                    (n,)).clone()
         if bool((lo > hi).any()):
             raise ValueError("lower bound above upper bound for some parameter")
         return lo, hi
