@@ -258,3 +258,14 @@ def test_bad_database_and_unfitted():
         small_model().predict(as_raster(toy_database(4, seed=0), ny=2))
     with pytest.raises(ValueError, match="dropout"):
         small_model(dropout=1.5).fit(toy_database(50, seed=0))
+
+
+def test_shipped_weights_load_and_predict():
+    # the shipped file must stay readable and consistent with its metadata
+    model = DeepIRIS2.load()
+    assert model.wavelength_.size == 473 and model.log_tau_.size == 39
+    assert model.training_provenance_.get("command", "").startswith("python scripts/")
+    result = model.predict(as_raster(toy_database(6, seed=0), ny=2))
+    assert (result["quality"].values & 1).sum() == 0
+    assert np.isfinite(result["temperature"].values).all()
+    assert (result["temperature"].values > 1000.0).all()
