@@ -203,7 +203,7 @@ class FlarePosteriorViewer:
         self.image = widgets.Image(format="png")
         self.table = widgets.HTML()
         with plt.ioff():
-            self.map_fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+            self.map_fig, axes = plt.subplots(1, 3, figsize=(9.5, 3.2))
         self.map_axes = axes
         ha_core = self.grid_ha[..., inn.n_halpha_ // 2]
         ca_core = self.grid_ca[..., inn.n_ca8542_ // 2]
