@@ -77,7 +77,8 @@ def lightweaver_atmosphere(atmosphere: Any, index: tuple = ()) -> Any:
             raise ValueError(f"the atmosphere needs {name} for a Lightweaver run")
     out = lw.Atmosphere.make_1d(
         scale=lw.ScaleType.Geometric, depthScale=atm.height / 100.0,
-        temperature=atm.temperature, vlos=atm.v_los / 100.0, vturb=atm.v_turb / 100.0,
+        # Lightweaver's vlos is positive towards the observer (blueshift): flip the sign
+        temperature=atm.temperature, vlos=-atm.v_los / 100.0, vturb=atm.v_turb / 100.0,
         ne=atm.n_e * 1e6, nHTot=atm.n_h * 1e6,
         B=atm.b_field * 1e-4, gammaB=atm.inclination, chiB=atm.azimuth)
     out.quadrature(3)
