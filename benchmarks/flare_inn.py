@@ -132,6 +132,7 @@ def main() -> None:
     p.add_argument("--paper-map-size", type=int, default=25,
                    help="map side for the paper-sized network (the 100×100 map takes long)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-speed", action="store_true", help="validation only")
     args = p.parse_args()
     inn = (FlareINN.load(args.weights, device=args.device) if args.weights
            else FlareINN.load_shipped(device=args.device))
@@ -145,6 +146,8 @@ def main() -> None:
         validation(inn, xr.load_dataset(args.data, engine="h5netcdf"), args.pixels, args.draws)
     else:
         print(f"(no flare set at {args.data}: validation skipped)")
+    if args.skip_speed:
+        return
     rate = gemm_rate()
     print(f"\nfloat32 GEMM rate measured now: {rate / 1e9:.1f} GFLOP/s")
     print("| case | MFLOP/draw | time | floor | time/floor | paper |\n|---|---|---|---|---|---|")
