@@ -133,7 +133,8 @@ def test_4015_4017_window_matches_lightweaver():
     from iris_lab.atomic import LineList
     from iris_lab.synthesis import lightweaver_lte as lwl
 
-    falc = Atmosphere.reference("falc")
+    # a 1 km/s downflow also checks the velocity sign convention of the adapter
+    falc = Atmosphere.reference("falc").replace(v_los=np.full(82, 1.0e5))
     wavelengths = np.linspace(4015.0, 4017.0, 301)
     atoms = lwl.kurucz_model_atoms(LineList.shipped("4015_4017"))
     ref = lwl.run_lightweaver(falc, atoms, wavelengths, stokes=False)
