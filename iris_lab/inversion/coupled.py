@@ -74,6 +74,7 @@ from iris_lab.inversion.lm import (
     Cycle,
     LevenbergMarquardt,
     _as_2d,
+    _weighted_data,
 )
 
 CoupledForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -437,16 +438,7 @@ class CoupledLevenbergMarquardt:
         if x.shape[0] != n_pix:
             raise ValueError(f"local0 must have shape ({n_pix}, n), got {tuple(x.shape)}")
         n, k = x.shape[1], g.shape[0]
-        wts = _as_2d(weights, obs.shape, "weights", self.dtype, self.device)
-        sig = _as_2d(sigma, obs.shape, "sigma", self.dtype, self.device)
-        if bool((sig <= 0).any()) or not bool(torch.isfinite(sig).all()):
-            raise ValueError("sigma must be finite and positive")
-        if bool((wts < 0).any()) or not bool(torch.isfinite(wts).all()):
-            raise ValueError("weights must be finite and non-negative")
-        bad = ~torch.isfinite(obs)
-        wts = torch.where(bad, torch.zeros_like(wts), wts)
-        obs = torch.nan_to_num(obs, nan=0.0, posinf=0.0, neginf=0.0)
-        sqrt_w = torch.sqrt(wts) / sig
+        obs, sqrt_w = _weighted_data(obs, sigma, weights, self.dtype, self.device)
         lo, hi = self._bounds(local_lower, local_upper, n)
         glo, ghi = self._bounds(global_lower, global_upper, k)
         x = torch.minimum(torch.maximum(x, lo), hi)

@@ -159,6 +159,26 @@ def _as_2d(value: Any, shape: tuple[int, int], name: str, dtype, device) -> torc
         raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to {shape}") from err
 
 
+def _weighted_data(obs: torch.Tensor, sigma: Any, weights: Any, dtype, device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate ``sigma``/``weights`` against ``obs`` (pixels, m).
+
+    Returns the data with non-finite values set to zero and the per-point
+    factor ``sqrt(weights) / sigma``, zero where the data are not finite.
+    """
+    wts = _as_2d(weights, obs.shape, "weights", dtype, device)
+    sig = _as_2d(sigma, obs.shape, "sigma", dtype, device)
+    if bool((sig <= 0).any()) or not bool(torch.isfinite(sig).all()):
+        raise ValueError("sigma must be finite and positive")
+    if bool((wts < 0).any()) or not bool(torch.isfinite(wts).all()):
+        raise ValueError("weights must be finite and non-negative")
+    # Non-finite data are masked (zero weight) rather than propagated.
+    bad_data = ~torch.isfinite(obs)
+    wts = torch.where(bad_data, torch.zeros_like(wts), wts)
+    obs = torch.nan_to_num(obs, nan=0.0, posinf=0.0, neginf=0.0)
+    return obs, torch.sqrt(wts) / sig
+
+
 def solve_damped(jac: torch.Tensor, res: torch.Tensor, lam: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Marquardt-scaled damped Gauss–Newton step, batched over pixels.
@@ -456,17 +476,7 @@ class LevenbergMarquardt:
         obs = torch.as_tensor(observed, dtype=self.dtype, device=self.device)
         if obs.ndim != 2:
             raise ValueError(f"observed must have shape (pixels, m), got {tuple(obs.shape)}")
-        wts = _as_2d(weights, obs.shape, "weights", self.dtype, self.device)
-        sig = _as_2d(sigma, obs.shape, "sigma", self.dtype, self.device)
-        if bool((sig <= 0).any()) or not bool(torch.isfinite(sig).all()):
-            raise ValueError("sigma must be finite and positive")
-        if bool((wts < 0).any()) or not bool(torch.isfinite(wts).all()):
-            raise ValueError("weights must be finite and non-negative")
-        # Non-finite data are masked (zero weight) rather than propagated.
-        bad_data = ~torch.isfinite(obs)
-        wts = torch.where(bad_data, torch.zeros_like(wts), wts)
-        obs = torch.nan_to_num(obs, nan=0.0, posinf=0.0, neginf=0.0)
-        sqrt_w = torch.sqrt(wts) / sig
+        obs, sqrt_w = _weighted_data(obs, sigma, weights, self.dtype, self.device)
 
         start_cycle = 0
         x = None
