@@ -53,6 +53,8 @@ import xarray as xr
 from torch import nn
 from torch.nn import functional as F
 
+from iris_lab.methods.result import result_dataset
+
 #: Quantities predicted per log τ point, in network order.
 QUANTITIES: tuple[str, ...] = ("temperature", "v_los", "v_turb", "log_n_e")
 #: Database variable holding the σ of each quantity.
@@ -756,15 +758,8 @@ class DeepIRIS2:
                                       "against the emulated profile of the prediction"})
         data_vars["index"] = (spatial, np.full(shape2, -1, dtype=np.int64),
                               {"long_name": "database index (-1: not a look-up)"})
-        data_vars["quality"] = (spatial, quality.reshape(shape2), {
-            "flag_masks": np.array(FLAG_MASKS, dtype=np.uint8),
-            "flag_meanings": " ".join(FLAG_MEANINGS)})
-        coords: dict[str, Any] = {"log_tau": ("log_tau", self.log_tau_,
-                                              {"long_name": "log10 optical depth at 500 nm"})}
-        for name, coord in raster.coords.items():
-            if name != "wavelength" and "wavelength" not in coord.dims:
-                coords[name] = coord
-        return xr.Dataset(data_vars, coords=coords, attrs={
+        return result_dataset(data_vars, raster, spatial, quality.reshape(shape2), self.log_tau_,
+                              FLAG_MASKS, FLAG_MEANINGS, {
             "method": "deepiris2", "chi2_threshold": self.chi2_threshold_,
             "training_entries": self.n_entries_, "training_mu": self.mu_})
 

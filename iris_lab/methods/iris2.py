@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from iris_lab.methods.result import result_dataset
 from iris_lab.methods.search import NearestProfileSearch, brute_force_nearest
 
 #: log10 τ500 grid of the database models.
@@ -564,15 +565,8 @@ class IRIS2:
             "units": "", "long_name": "weighted squared residual / weighted squared intensity"})
         data_vars["index"] = (spatial, index.reshape(shape2), {
             "long_name": "database entry index (-1: none)"})
-        data_vars["quality"] = (spatial, quality.reshape(shape2), {
-            "flag_masks": np.array(FLAG_MASKS, dtype=np.uint8),
-            "flag_meanings": " ".join(FLAG_MEANINGS)})
-        coords: dict[str, Any] = {"log_tau": ("log_tau", self.log_tau_,
-                                              {"long_name": "log10 optical depth at 500 nm"})}
-        for name, coord in raster.coords.items():
-            if name != "wavelength" and "wavelength" not in coord.dims:
-                coords[name] = coord
-        return xr.Dataset(data_vars, coords=coords, attrs={
+        return result_dataset(data_vars, raster, spatial, quality.reshape(shape2), self.log_tau_,
+                              FLAG_MASKS, FLAG_MEANINGS, {
             "method": method, "chi2_threshold": self.chi2_threshold,
             "min_signal": self.min_signal_, "database_entries": int(db.sizes["entry"]),
             "database_mu": self.mu_})
