@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from iris_lab.atmosphere import Atmosphere
+from iris_lab.synthesis.formal import fritsch_butland
 
 __all__ = ["NodeModel", "PARAMETERS", "DEFAULT_BOUNDS", "bezier_interpolate"]
 
@@ -80,12 +81,7 @@ def _node_derivatives(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.cat([slope, slope], dim=-1)
     s0, s1 = slope[..., :-1], slope[..., 1:]
     h0, h1 = h[:-1], h[1:]
-    alpha = (1.0 + h1 / (h0 + h1)) / 3.0
-    product = s0 * s1
-    positive = product > 0
-    denominator = alpha * s1 + (1.0 - alpha) * s0
-    safe = torch.where(positive, denominator, torch.ones_like(denominator))
-    inner = torch.where(positive, product / safe, torch.zeros_like(product))
+    inner = fritsch_butland(s0, s1, h0, h1)
     return torch.cat([slope[..., :1], inner, slope[..., -1:]], dim=-1)
 
 

@@ -140,18 +140,28 @@ def solve_one_plus_kprime(
     ), dim=-1) / det.unsqueeze(-1)
 
 
+def fritsch_butland(s0: torch.Tensor, s1: torch.Tensor, h0: torch.Tensor, h1: torch.Tensor
+                    ) -> torch.Tensor:
+    """Fritsch–Butland derivative at interior points (zero at extrema).
+
+    ``s0``, ``s1`` are the slopes of the intervals left and right of each
+    point, ``h0``, ``h1`` their widths (broadcasting).
+    """
+    alpha = (1.0 + h1 / (h0 + h1)) / 3.0
+    product = s0 * s1
+    positive = product > 0
+    denominator = alpha * s1 + (1.0 - alpha) * s0
+    safe = torch.where(positive, denominator, torch.ones_like(denominator))
+    return torch.where(positive, product / safe, torch.zeros_like(product))
+
+
 def _control_points(tau: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """Bézier control points of ``source`` (..., depth, 4) on each interval [k, k+1]."""
     h = (tau[..., 1:] - tau[..., :-1]).unsqueeze(-1)
     slope = (source[..., 1:, :] - source[..., :-1, :]) / h
     s0, s1 = slope[..., :-1, :], slope[..., 1:, :]
     h0, h1 = h[..., :-1, :], h[..., 1:, :]
-    alpha = (1.0 + h1 / (h0 + h1)) / 3.0
-    product = s0 * s1
-    positive = product > 0
-    denominator = alpha * s1 + (1.0 - alpha) * s0
-    safe = torch.where(positive, denominator, torch.ones_like(denominator))
-    inner = torch.where(positive, product / safe, torch.zeros_like(product))
+    inner = fritsch_butland(s0, s1, h0, h1)
     deriv = torch.cat([slope[..., :1, :], inner, slope[..., -1:, :]], dim=-2)
     upper = source[..., :-1, :] + 0.5 * h * deriv[..., :-1, :]
     lower = source[..., 1:, :] - 0.5 * h * deriv[..., 1:, :]
