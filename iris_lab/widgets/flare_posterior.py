@@ -24,6 +24,16 @@ _Q = (("n_e", "log$_{10}$ n$_e$ [cm$^{-3}$]"), ("temperature", "log$_{10}$ T [K]
       ("v_los", "sign(v) log$_{10}$(|v|/1 km s$^{-1}$ + 1)"))
 
 
+def _grid_2x3(fig, figsize: tuple[float, float]):
+    """``fig`` (a new one of ``figsize`` when ``None``) cleared, and its 2×3 axes."""
+    from matplotlib.figure import Figure
+
+    if fig is None:
+        fig = Figure(figsize=figsize)
+    fig.clear()
+    return fig, fig.subplots(2, 3)
+
+
 def plot_pixel_posterior(inn: FlareINN, draws: dict, observed: np.ndarray,
                          round_trip: np.ndarray, truth: dict | None = None, fig=None):
     """Histograms of the draws against height, and round-trip profiles.
@@ -48,12 +58,8 @@ def plot_pixel_posterior(inn: FlareINN, draws: dict, observed: np.ndarray,
     matplotlib.figure.Figure
     """
     from matplotlib.colors import PowerNorm
-    from matplotlib.figure import Figure
 
-    if fig is None:
-        fig = Figure(figsize=(13, 6.5))
-    fig.clear()
-    axes = fig.subplots(2, 3)
+    fig, axes = _grid_2x3(fig, (13, 6.5))
     nh = inn.n_height_
     h_mm = inn.heights_ / 1e8
     x = atmosphere_to_x(draws["n_e"], draws["temperature"], draws["v_los"])
@@ -141,12 +147,7 @@ def plot_line_images(cube, fig=None):
     -------
     matplotlib.figure.Figure
     """
-    from matplotlib.figure import Figure
-
-    if fig is None:
-        fig = Figure(figsize=(12, 5.5))
-    fig.clear()
-    axes = fig.subplots(2, 3)
+    fig, axes = _grid_2x3(fig, (12, 5.5))
     for row, (line, name) in enumerate((("halpha", "Hα"), ("ca8542", "Ca II 8542"))):
         da = cube[line]
         dl = da[da.dims[-1]].values
