@@ -19,6 +19,8 @@ from collections.abc import Mapping
 import numpy as np
 import xarray as xr
 
+from iris_lab.widgets.pixel import ClickSelect, clip_pixel
+
 #: quantity → (σ variable, label, scale to display units, log10 display)
 QUANTITIES: dict[str, tuple[str, str, float, bool]] = {
     "temperature": ("sigma_temperature", "T [kK]", 1e-3, False),
@@ -69,7 +71,7 @@ def plot_umf_curves(summaries: Mapping[str, xr.Dataset], quantity: str = "temper
     return ax
 
 
-class ResultComparison:
+class ResultComparison(ClickSelect):
     """Maps of several results at one log τ, and the stratifications of a clicked pixel.
 
     Parameters
@@ -152,19 +154,13 @@ class ResultComparison:
         self._colorbar.set_label(f"{QUANTITIES[q][1]} at log τ = {self.log_tau[j]:g}")
         self.map_fig.canvas.draw_idle()
 
-    def _on_click(self, event) -> None:
-        if event.inaxes is None or event.xdata is None:
-            return
-        self.select(int(round(event.ydata)), int(round(event.xdata)))
-
     def select(self, iy: int, ix: int) -> None:
         """Draw the stratifications of pixel ``(iy, ix)`` from every result."""
         import matplotlib.pyplot as plt
         from IPython.display import display
 
         first = next(iter(self.panels.values()))
-        ny, nx = first["temperature"].shape[:2]
-        iy, ix = int(np.clip(iy, 0, ny - 1)), int(np.clip(ix, 0, nx - 1))
+        iy, ix = clip_pixel(iy, ix, first["temperature"].shape)
         self.pixel = (iy, ix)
         for marker in self._markers:
             marker.set_data([ix], [iy])

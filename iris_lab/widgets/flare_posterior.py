@@ -19,6 +19,7 @@ import numpy as np
 from iris_lab.methods.asymmetry import NAMES as ASYM_NAMES
 from iris_lab.methods.asymmetry import line_asymmetry
 from iris_lab.methods.inn import FlareINN, atmosphere_to_x
+from iris_lab.widgets.pixel import ClickSelect, clip_pixel
 
 _Q = (("n_e", "log$_{10}$ n$_e$ [cm$^{-3}$]"), ("temperature", "log$_{10}$ T [K]"),
       ("v_los", "sign(v) log$_{10}$(|v|/1 km s$^{-1}$ + 1)"))
@@ -162,7 +163,7 @@ def plot_line_images(cube, fig=None):
     return fig
 
 
-class FlarePosteriorViewer:
+class FlarePosteriorViewer(ClickSelect):
     """Interactive map → pixel posterior viewer (ipympl + ipywidgets).
 
     Parameters
@@ -236,15 +237,9 @@ class FlarePosteriorViewer:
         self.map_axes[2].set_title(f"median T at {self.inn.heights_[j] / 1e8:.2f} Mm")
         self.map_fig.canvas.draw_idle()
 
-    def _on_click(self, event) -> None:
-        if event.inaxes is None or event.xdata is None:
-            return
-        self.select(int(round(event.ydata)), int(round(event.xdata)))
-
     def select(self, iy: int, ix: int) -> None:
         """Show the posterior of pixel ``(iy, ix)``."""
-        ny, nx = self.grid_ha.shape[:2]
-        iy, ix = int(np.clip(iy, 0, ny - 1)), int(np.clip(ix, 0, nx - 1))
+        iy, ix = clip_pixel(iy, ix, self.grid_ha.shape)
         inn = self.inn
         q = int(self.summary["quality"].values[iy, ix])
         self.readout.value = (f"pixel y={iy} x={ix} | quality {q} | round-trip RMS "
