@@ -53,6 +53,7 @@ import xarray as xr
 from torch import nn
 from torch.nn import functional as F
 
+from iris_lab.methods.iris2 import check_schema
 from iris_lab.methods.result import result_dataset
 
 #: Quantities predicted per log τ point, in network order.
@@ -148,12 +149,7 @@ def _open_database(database: xr.Dataset | str | os.PathLike) -> xr.Dataset:
 
 def _check_database(db: xr.Dataset) -> None:
     needed = ["profile", "temperature", "v_los", "v_turb", "n_e", *SIGMA_VARIABLES.values()]
-    missing = [v for v in needed if v not in db]
-    if missing:
-        raise ValueError(f"database lacks variables {missing} (Mg II database schema)")
-    for dim in ("entry", "wavelength", "log_tau"):
-        if dim not in db.dims:
-            raise ValueError(f"database lacks dimension {dim!r}")
+    check_schema(db, needed)
     if db.sizes["entry"] < 10:
         raise ValueError(f"database has {db.sizes['entry']} entries; at least 10 are needed")
 

@@ -229,6 +229,16 @@ def synthetic_raster(truth: xr.Dataset, shape: tuple[int, int] = (30, 40), *, se
     return raster, models, regions
 
 
+def check_schema(db: xr.Dataset, variables: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``db`` has ``variables`` and the database dimensions."""
+    missing = [v for v in variables if v not in db]
+    if missing:
+        raise ValueError(f"database lacks variables {missing} (Mg II database schema)")
+    for dim in ("entry", "wavelength", "log_tau"):
+        if dim not in db.dims:
+            raise ValueError(f"database lacks dimension {dim!r}")
+
+
 def load_database(database: xr.Dataset | str | os.PathLike | None = None) -> xr.Dataset:
     """Open and check a Mg II database (default: the shipped one).
 
@@ -255,12 +265,7 @@ def load_database(database: xr.Dataset | str | os.PathLike | None = None) -> xr.
         except (OSError, ValueError) as err:
             raise ValueError(f"database file {path} is not readable netCDF ({err})") from None
     need = ["profile", *MODEL_VARIABLES, *(s for s, _, _ in MODEL_VARIABLES.values())]
-    missing = [v for v in need if v not in db]
-    if missing:
-        raise ValueError(f"database lacks variables {missing} (Mg II database schema)")
-    for dim in ("entry", "wavelength", "log_tau"):
-        if dim not in db.dims:
-            raise ValueError(f"database lacks dimension {dim!r}")
+    check_schema(db, need)
     if db.sizes["entry"] < 1:
         raise ValueError("database has no entries")
     if not np.isfinite(db["profile"].values).all():
