@@ -86,7 +86,10 @@ class Lab:
         self._backups.setdefault(path, path.read_bytes())
         page = self.browser.new_page(viewport={"width": 1400, "height": 1000})
         self._pages.append(page)
-        page.goto(f"{self.url}/lab/tree/{notebook}?token={self.token}")
+        # a workspace of its own, reset: no notebook of an earlier test is restored beside it
+        workspace = f"test-{secrets.token_hex(6)}"
+        page.goto(f"{self.url}/lab/workspaces/{workspace}/tree/{notebook}"
+                  f"?reset&token={self.token}")
         page.wait_for_selector(".jp-Notebook", timeout=timeout_ms)
         page.wait_for_selector(IDLE, timeout=timeout_ms)
         self._wait_for_settled_kernel(notebook, timeout_ms / 1000)
@@ -159,7 +162,23 @@ class Lab:
         page.screenshot(path=str(path), full_page=True)
         return path
 
+    def _shutdown_sessions(self) -> None:
+        """Stop the kernels of the notebooks this test opened."""
+        names = {path.name for path in self._backups}
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/sessions?token={self.token}") as r:
+                sessions = json.load(r)
+            for session in sessions:
+                if Path(session.get("path", "")).name in names:
+                    request = urllib.request.Request(
+                        f"{self.url}/api/sessions/{session['id']}?token={self.token}",
+                        method="DELETE")
+                    urllib.request.urlopen(request).close()
+        except OSError:
+            pass
+
     def restore(self) -> None:
+        self._shutdown_sessions()
         for page in self._pages:
             try:
                 page.close()
