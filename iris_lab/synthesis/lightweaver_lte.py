@@ -86,14 +86,19 @@ def lightweaver_atmosphere(atmosphere: Any, index: tuple = ()) -> Any:
 
 
 @dataclass(eq=False, repr=False)
-class _KuruczVdw:
-    """Γ_vdW = 10^log_gamma (T/10⁴)^0.3 n_H(ground) (Kurucz convention)."""
+class _KuruczBroadening:
+    """A broadening of width ``10^log_gamma`` times a power of T and a density."""
 
     log_gamma: float
     line: Any = field(init=False, default=None)
 
     def setup(self, line):
         self.line = line
+
+
+@dataclass(eq=False, repr=False)
+class _KuruczVdw(_KuruczBroadening):
+    """Γ_vdW = 10^log_gamma (T/10⁴)^0.3 n_H(ground) (Kurucz convention)."""
 
     def broaden(self, atmos, eqPops):
         n_h_ground = eqPops["H"][0, :] * 1e-6       # cm⁻³
@@ -101,14 +106,8 @@ class _KuruczVdw:
 
 
 @dataclass(eq=False, repr=False)
-class _KuruczStark:
+class _KuruczStark(_KuruczBroadening):
     """Γ_Stark = 10^log_gamma (T/10⁴)^(1/6) n_e."""
-
-    log_gamma: float
-    line: Any = field(init=False, default=None)
-
-    def setup(self, line):
-        self.line = line
 
     def broaden(self, atmos, eqPops):
         return 10.0 ** self.log_gamma * (atmos.temperature / 1e4) ** (1.0 / 6.0) \
