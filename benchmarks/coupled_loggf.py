@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 import torch
+from bench_timing import best_time
 
 from iris_lab.inversion.coupled import (
     AtomicInversion,
@@ -46,14 +47,6 @@ from iris_lab.inversion.coupled import (
 DT = torch.float64
 PAPER = {2: 0.025, 3: 0.004}
 
-
-def _timeit(fn, repeat: int = 3) -> float:
-    best = np.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 # ----------------------------------------------------------------------------- scaling
@@ -83,11 +76,11 @@ def scaling(pixels, n=16, k=34, m=804, dense_max=300, chunk=250, seed=0) -> None
             scaled, dl, dg = blocks().damped(1e-2)
             return schur_solve(scaled)
 
-        t_schur = _timeit(schur, repeat=3 if p < 1000 else 1)
+        t_schur = best_time(schur, repeats=3 if p < 1000 else 1)
         if p <= dense_max:
             scaled, _, _ = full.damped(1e-2)
-            t_dense = _timeit(lambda scaled=scaled: dense_solve(scaled), repeat=1)
-            t_dense += _timeit(lambda blocks=blocks: blocks().damped(1e-2), repeat=1)
+            t_dense = best_time(lambda scaled=scaled: dense_solve(scaled), repeats=1)
+            t_dense += best_time(lambda blocks=blocks: blocks().damped(1e-2), repeats=1)
             dense = f"{t_dense:.3f} | {t_dense / t_schur:.1f}"
         else:
             size = (p * n + k) ** 2 * 8 / 2 ** 30
@@ -107,7 +100,7 @@ def engine_cost(n_pix: int = 2) -> None:
     names = ("log_tau", "temperature", "v_los", "v_turb", "b_field", "inclination", "azimuth")
     fields = {k: torch.as_tensor(np.ascontiguousarray(getattr(flat, k))) for k in names}
     with torch.no_grad():
-        t = _timeit(lambda: synth.stokes(fields), repeat=1)
+        t = best_time(lambda: synth.stokes(fields), repeats=1)
     print(f"\nLTE forward pass (18 lines, 201 wavelengths, 51 depths): {t / n_pix:.2f} s per "
           f"pixel on this machine ({n_pix} pixels timed); one coupled iteration needs "
           f"n + k + 1 = 51 passes (Jacobian columns + trial step).")

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_timing import gemm_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPTHS = (-6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0)
@@ -40,17 +41,6 @@ LABELS = {"temperature": "T [K]", "v_los": "v_los [km/s]", "v_turb": "v_turb [km
           "n_e": "log n_e [dex]"}
 SCALE = {"temperature": 1.0, "v_los": 1e-5, "v_turb": 1e-5, "n_e": 1.0}
 
-
-def gemm_rate(torch, n: int = 4096, k: int = 473, m: int = 1024) -> float:
-    """Sustained float32 GEMM rate [GFLOP/s] on this machine, now."""
-    a, b = torch.randn(n, k), torch.randn(k, m)
-    a @ b
-    best = np.inf
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n * k * m / best / 1e9
 
 
 def noisy_raster(held, exptime: float, seed: int):
@@ -176,7 +166,7 @@ def main() -> None:
     big = xr.DataArray(spectra.reshape(ny, -1, spectra.shape[-1]), dims=("y", "x", "wavelength"),
                        coords={"wavelength": raster["wavelength"].values},
                        attrs={"units": "DN/s"})
-    rate = gemm_rate(torch)
+    rate = gemm_rate(4096, 473, 1024) / 1e9
     deep.predict(big.isel(y=slice(0, 1)))  # warm-up
     t0 = time.perf_counter()
     deep.predict(big)

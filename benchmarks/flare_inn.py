@@ -21,39 +21,18 @@ Example
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
+from bench_timing import best_time, gemm_rate
 
 from iris_lab.methods.inn import QUANTITIES, FlareINN, atmosphere_to_x, normalise_profiles
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = {"forward_mse": 5.73e-5, "draws_20000_gpu_s": 0.893, "draws_20000_cpu_s": 84.5}
 
-
-def gemm_rate(n: int = 8192, k: int = 384, m: int = 384, reps: int = 20) -> float:
-    """Best float32 matrix-multiply rate [FLOP/s] over a few repetitions."""
-    a, b = torch.randn(n, k), torch.randn(k, m)
-    for _ in range(3):
-        a @ b
-    best = np.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n * k * m / best
-
-
-def best_time(fn, repeats: int = 3) -> float:
-    best = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def validation(inn: FlareINN, data: xr.Dataset, n_pixels: int, n_draws: int) -> None:
@@ -148,7 +127,7 @@ def main() -> None:
         print(f"(no flare set at {args.data}: validation skipped)")
     if args.skip_speed:
         return
-    rate = gemm_rate()
+    rate = gemm_rate(8192, 384, 384, repeats=20)
     print(f"\nfloat32 GEMM rate measured now: {rate / 1e9:.1f} GFLOP/s")
     print("| case | MFLOP/draw | time | floor | time/floor | paper |\n|---|---|---|---|---|---|")
     speed("shipped", inn, args.map_size, args.map_draws, rate)

@@ -24,24 +24,7 @@ import resource
 import time
 
 import numpy as np
-
-
-def gemm_rate(torch, device: str, n: int = 4096, k: int = 473, m: int = 15000) -> float:
-    """Sustained float32 GEMM rate [GFLOP/s] for the brute-force shape."""
-    a = torch.randn(n, k, device=device)
-    b = torch.randn(k, m, device=device)
-    c = a @ b
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    best = np.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        c = a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    del c
-    return 2.0 * n * k * m / best / 1e9
+from bench_timing import gemm_rate
 
 
 def main() -> None:
@@ -65,7 +48,7 @@ def main() -> None:
     from iris_lab.methods.rp import RepresentativeProfiles
 
     rows: list[tuple[str, str, str]] = []
-    rate = gemm_rate(torch, args.device)
+    rate = gemm_rate(4096, 473, 15000, device=args.device, repeats=3) / 1e9
     flop = 2.0 * args.pixels * args.entries * 473
     rows.append(("float32 GEMM rate (4096x473 @ 473x15000)", f"{rate:.1f} GFLOP/s", ""))
     rows.append(("brute force, implied by that rate", f"{flop / rate / 1e9:.1f} s",
