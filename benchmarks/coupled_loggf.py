@@ -202,9 +202,8 @@ def proxy(n_pix: int, snrs, modes, max_iter: int, seed: int = 0) -> None:
 
 # ----------------------------------------------------------------------------- LTE
 def lte(ny: int, nx: int, snrs, modes, max_iter: int, seed: int = 0) -> None:
-    from iris_lab.atmosphere import Atmosphere
     from iris_lab.atomic import LineList
-    from iris_lab.inversion.lte import EngineLineList, LTEForward, default_nodes
+    from iris_lab.inversion.lte import EngineLineList, LTEForward, default_nodes, quiet_sun_start
     from iris_lab.nodes import NodeModel
     from iris_lab.synthesis.lte import LTESynthesizer
     from iris_lab.worlds.photosphere import (
@@ -239,15 +238,7 @@ def lte(ny: int, nx: int, snrs, modes, max_iter: int, seed: int = 0) -> None:
     i_c = float(np.asarray(synth.continuum_intensity().detach()).ravel()[0])
     fwd = LTEForward(model, synth, continuum=i_c)
     truth_local = model.parameters_from(atm.reshape(-1))
-    falc = Atmosphere.reference("falc")
-    start = model.parameters_from(falc).numpy()
-    for i, name in enumerate(model.parameter_names):
-        if name.startswith("b_field"):
-            start[i] = 300.0
-        elif name.startswith("inclination"):
-            start[i] = 1.0
-        elif name.startswith("v_turb"):
-            start[i] = 0.8e5
+    start = quiet_sun_start(model, b_field=300.0, inclination=1.0, v_turb=0.8e5, azimuth=None)
     n_pix = ny * nx
     x0 = torch.tensor(np.broadcast_to(start, (n_pix, start.size)).copy(), dtype=DT)
     lo, hi = model.bounds

@@ -146,6 +146,43 @@ def stokes_weights(n_wavelength: int, weights: Sequence[float] = (1.0, 1.0, 1.0,
     return np.repeat(np.asarray(weights, dtype=float), n_wavelength)
 
 
+def quiet_sun_start(model, *, b_field: float = 200.0, inclination: float = 1.2,
+                    v_turb: float = 1.0e5, azimuth: float | None = 0.5) -> np.ndarray:
+    """Starting node values: FAL-C at the nodes with a weak, inclined field.
+
+    Parameters
+    ----------
+    model
+        The :class:`iris_lab.nodes.NodeModel` whose parameters are set.
+    b_field, inclination, v_turb, azimuth
+        Values [G, rad, cm s⁻¹, rad] given to every node of that parameter;
+        ``azimuth=None`` keeps FAL-C's (zero).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(model.n_parameters,)``.
+
+    Example
+    -------
+    >>> from iris_lab.nodes import NodeModel
+    >>> model = NodeModel({"temperature": [-1.0, 0.0], "b_field": [0.0]},
+    ...                   log_tau=np.linspace(-3, 1, 41))
+    >>> float(quiet_sun_start(model)[-1])
+    200.0
+    """
+    from iris_lab.atmosphere import Atmosphere
+
+    start = model.parameters_from(Atmosphere.reference("falc")).numpy()
+    values = {"b_field": b_field, "inclination": inclination, "v_turb": v_turb,
+              "azimuth": azimuth}
+    for i, name in enumerate(model.parameter_names):
+        for field, value in values.items():
+            if value is not None and name.startswith(field):
+                start[i] = value
+    return start
+
+
 def invert_hinode_mode1(path: str, profile_path: str, *, nodes: Mapping | None = None,
                         max_iter: int = 30, n_restarts: int = 0,
                         stokes_weight: Sequence[float] = (1.0, 4.0, 4.0, 2.0),
@@ -225,22 +262,9 @@ def invert_hinode_mode1(path: str, profile_path: str, *, nodes: Mapping | None =
     weights = stokes_weights(wave.size, stokes_weight)
     for t in TELLURIC_O2:
         weights[: wave.size][np.abs(wave - t) < 0.04] = 0.0
-    # start: a quiet-Sun model at the nodes with a weak, inclined field
-    from iris_lab.atmosphere import Atmosphere
-
-    falc = Atmosphere.reference("falc")
-    start = model.parameters_from(falc).numpy()
+    start = quiet_sun_start(model)
     names = model.parameter_names
     lower, upper = model.bounds
-    for i, name in enumerate(names):
-        if name.startswith("b_field"):
-            start[i] = 200.0
-        elif name.startswith("inclination"):
-            start[i] = 1.2
-        elif name.startswith("v_turb"):
-            start[i] = 1.0e5
-        elif name.startswith("azimuth"):
-            start[i] = 0.5
     x0 = np.broadcast_to(start, (n_pix, start.size)).copy()
     lm = LevenbergMarquardt(max_iter=max_iter, n_restarts=n_restarts, restart_scale=0.05,
                             progress=progress)
