@@ -201,19 +201,8 @@ def _wigner_3j(j1: Fraction, j2: Fraction, j3: Fraction, m1: Fraction, m2: Fract
     return sign * math.sqrt(pre) * total
 
 
-def zeeman_groups(j_low: float, j_up: float, g_low: float, g_up: float
-                  ) -> list[list[tuple[float, float]]]:
-    """Zeeman components of one line per group (σ_b: M_u − M_l = +1, π: 0, σ_r: −1).
-
-    Returns three lists of ``(shift, strength)``: shifts in Larmor units
-    (g_l M_l − g_u M_u, positive = red), strengths ∝ squared 3j symbols and
-    normalised to 1 per group (an impossible group is empty).
-
-    Example
-    -------
-    >>> [[s for s, _ in g] for g in zeeman_groups(0.0, 1.0, 0.0, 1.5)]
-    [[-1.5], [0.0], [1.5]]
-    """
+def _components(j_low: float, j_up: float, g_low: float, g_up: float):
+    """Zeeman components per group (σ_b: M_u − M_l = +1, π: 0, σ_r: −1)."""
     jl, ju = Fraction(j_low).limit_denominator(2), Fraction(j_up).limit_denominator(2)
     groups = {1: [], 0: [], -1: []}
     m_u = -ju
@@ -508,7 +497,7 @@ class LineList:
         per_line = []
         for k in range(len(self)):
             if self.polarizable[k]:
-                per_line.append(zeeman_groups(self.j_low[k], self.j_up[k], self.lande_low[k],
+                per_line.append(_components(self.j_low[k], self.j_up[k], self.lande_low[k],
                                             self.lande_up[k]))
             else:
                 per_line.append([[(0.0, 1.0)], [(0.0, 1.0)], [(0.0, 1.0)]])
