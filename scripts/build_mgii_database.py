@@ -19,7 +19,7 @@ Run::
 
 ``--interleave`` builds the database, the held-out set and the flare set
 (``scripts/build_flare_set.py``) on one cluster in turns (four flare sequences,
-two database chunks, one held-out chunk), so that a build stopped at any time
+four database chunks, two held-out chunks), so that a build stopped at any time
 holds data of all three; ``--deadline HH:MM`` (UTC) stops it. Export with
 ``--export-only`` (and ``--heldout``, and ``build_flare_set.py --export-only``).
 """
@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> None:
             deadline = (stop if stop > now else stop + dt.timedelta(days=1)).timestamp()
         build_interleaved([
             ("flare", make_spec("flare", 2000), ROOT / "build" / "flare_set.parts", 4),
-            ("mgii", make_spec("mgii", 1000), ROOT / "build" / "mgii_database.parts", 2),
+            ("mgii", make_spec("mgii", 1000), ROOT / "build" / "mgii_database.parts", 4),
             ("mgii_heldout", make_spec("mgii_heldout", 200),
-             ROOT / "build" / "mgii_heldout.parts", 1),
+             ROOT / "build" / "mgii_heldout.parts", 2),
         ], workers=args.workers or 1, scheduler=args.scheduler, deadline=deadline)
         return
 
