@@ -608,6 +608,22 @@ class IRIS2:
         params = ast.literal_eval(str(db.attrs["iris2_params"]))
         return cls(**params, device=device).fit(db)
 
+    @classmethod
+    def from_sav(cls, path: str | os.PathLike, *, medium: str = "vacuum",
+                 mu: float | None = None, **params: Any) -> IRIS2:
+        """Fit on an IRIS² database in an IDL SAVE file.
+
+        The file is read by :func:`iris_lab.io.iris2_sav.read_iris2_database`
+        (``medium``, ``mu``); ``params`` go to :class:`IRIS2`.
+
+        Example
+        -------
+        >>> model = IRIS2.from_sav("iris2_db.sav", chi2_threshold=0.1)  # doctest: +SKIP
+        """
+        from iris_lab.io.iris2_sav import read_iris2_database
+
+        return cls(**params).fit(read_iris2_database(path, medium=medium, mu=mu))
+
 
 def _dask_map(pieces: list[np.ndarray], model: IRIS2, client: Any, progress: bool) -> list:
     from dask.distributed import Client, LocalCluster, as_completed
