@@ -5,15 +5,15 @@ The IDL IRIS² code (Sainz Dalda et al. 2019, ApJL 875, L18; SolarSoft
 ``iris2model_<obs>_raster_tNNN_rNNNNN.sav``: one variable ``iris2model``, a
 structure whose tags are (IDL dimension order, i.e. the numpy shape reversed)
 
-===================== ============================================================
-``LTAU``              (n_tau,) log10 τ500 (39 points, −7.6 … 0.0 in the v2.0 database)
-``MODEL``             [X, Y, n_tau, 4] → numpy (4, n_tau, Y, X): T [K], v_los [cm/s],
-                      v_turb [cm/s], n_e [cm⁻³] (named in ``PHYSICAL_VARIABLE``)
-``UNCERTAINTY``       same shape: σ of each, in the same (linear) units
-``CHI2``              [X, Y] → numpy (Y, X)
-``MU``, ``DELTA_MU_DB`` μ of the raster and the μ tolerance of the database entries
-``QC_FLAG``, ``LEVEL_INFO``, ``INPUT_FILENAME``, ``HEADER`` … bookkeeping
-===================== ============================================================
+========================= ================================================================
+``LTAU``                  (n_tau,) log10 τ500 (39 points, −7.6 … 0.0 in the v2.0 database)
+``MODEL``                 [X, Y, n_tau, 4] → numpy (4, n_tau, Y, X): T [K], v_los [cm/s],
+                          v_turb [cm/s], n_e [cm⁻³] (named in ``PHYSICAL_VARIABLE``)
+``UNCERTAINTY``           same shape: σ of each, in the same (linear) units
+``CHI2``                  [X, Y] → numpy (Y, X)
+``MU``, ``DELTA_MU_DB``   μ of the raster and the μ tolerance of the database entries
+``QC_FLAG``, ``HEADER`` … bookkeeping (also ``LEVEL_INFO``, ``INPUT_FILENAME`` …)
+========================= ================================================================
 
 X is the raster step (or the exposure of a sit-and-stare) and Y the position
 along the slit. A pixel IRIS² did not invert has T = 0 (the whole model zero,
@@ -45,8 +45,7 @@ message lists the fields found), wrong shapes.
 Example
 -------
 >>> from iris_lab.io.iris2_sav import read_iris2_model, read_iris2_database  # doctest: +SKIP
->>> result = read_iris2_model("iris2model_20140521_114758_3820258168_raster_t000_r00000.sav")
-... # doctest: +SKIP
+>>> result = read_iris2_model("iris2model_..._raster_t000_r00000.sav")  # doctest: +SKIP
 >>> result["temperature"].dims  # doctest: +SKIP
 ('y', 'x', 'log_tau')
 >>> from iris_lab.methods.iris2 import IRIS2  # doctest: +SKIP
