@@ -90,13 +90,12 @@ def scaling(pixels, n=16, k=34, m=804, dense_max=300, chunk=250, seed=0) -> None
 
 def engine_cost(n_pix: int = 2) -> None:
     from iris_lab.atomic import LineList
-    from iris_lab.inversion.lte import EngineLineList
     from iris_lab.synthesis.lte import LTESynthesizer
     from iris_lab.worlds.photosphere import default_wavelengths, sample_photosphere_fov
 
     atm, _ = sample_photosphere_fov(2, 2, seed=0)
     flat = atm.reshape(-1)[:n_pix]
-    synth = LTESynthesizer(EngineLineList(LineList.shipped("4015_4017")), default_wavelengths())
+    synth = LTESynthesizer(LineList.shipped("4015_4017"), default_wavelengths())
     names = ("log_tau", "temperature", "v_los", "v_turb", "b_field", "inclination", "azimuth")
     fields = {k: torch.as_tensor(np.ascontiguousarray(getattr(flat, k))) for k in names}
     with torch.no_grad():
@@ -203,7 +202,7 @@ def proxy(n_pix: int, snrs, modes, max_iter: int, seed: int = 0) -> None:
 # ----------------------------------------------------------------------------- LTE
 def lte(ny: int, nx: int, snrs, modes, max_iter: int, seed: int = 0) -> None:
     from iris_lab.atomic import LineList
-    from iris_lab.inversion.lte import EngineLineList, LTEForward, default_nodes, quiet_sun_start
+    from iris_lab.inversion.lte import LTEForward, default_nodes, quiet_sun_start
     from iris_lab.nodes import NodeModel
     from iris_lab.synthesis.lte import LTESynthesizer
     from iris_lab.worlds.photosphere import (
@@ -224,14 +223,14 @@ def lte(ny: int, nx: int, snrs, modes, max_iter: int, seed: int = 0) -> None:
     fields = {k: torch.as_tensor(np.ascontiguousarray(getattr(probe, k))) for k in names}
     for i in range(len(full)):
         c = full.wavelength_air[i]
-        s = LTESynthesizer(EngineLineList(full.select([i])), np.array([c - 0.05, c]))
+        s = LTESynthesizer(full.select([i]), np.array([c - 0.05, c]))
         with torch.no_grad():
             if torch.isfinite(s.stokes(fields)).all():
                 keep.append(i)
     if len(keep) < len(full):
         print(f"note: lines {sorted(set(range(len(full))) - set(keep))} give non-finite "
               "spectra in the LTE engine and are left out")
-    lines = EngineLineList(full.select(keep))
+    lines = full.select(keep)
     n_lines = len(keep)
     model = NodeModel(default_nodes(), log_tau=photosphere_log_tau())
     synth = LTESynthesizer(lines, wave)

@@ -53,6 +53,7 @@ import math
 import re
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -220,6 +221,47 @@ def _components(j_low: float, j_up: float, g_low: float, g_up: float):
         comps = groups[dm]
         tot = sum(w for _, w in comps)
         out.append([(sh, w / tot) for sh, w in comps] if tot > 0 else [])
+    return out
+
+
+def zeeman_pattern(j_low: Any, j_up: Any, lande_low: Any, lande_up: Any, *,
+                   polarizable: Any = None) -> dict[str, dict[str, np.ndarray]]:
+    """Anomalous Zeeman patterns of lines from J and the Landé factors of both levels.
+
+    The one implementation behind :meth:`LineList.zeeman_pattern` and the
+    synthesizers. Returns ``{"sigma_b": g, "pi": g, "sigma_r": g}``; each
+    ``g`` holds ``shift`` (n_lines, n_comp) in Larmor units Δλ_B (positive =
+    red; shift = g_l M_l − g_u M_u), ``strength`` (∝ squared 3j symbols,
+    normalised to 1 per line and group) and ``mask`` (valid components),
+    padded to a common ``n_comp``. Lines that are not ``polarizable``
+    (default: a Landé factor or J is not finite) get the unsplit pattern:
+    one component at zero shift in each group.
+
+    Example
+    -------
+    >>> z = zeeman_pattern([1.0], [0.0], [1.5], [0.0])       # normal triplet
+    >>> [float(z[g]["shift"][0, 0]) for g in ("sigma_b", "pi", "sigma_r")]
+    [-1.5, 0.0, 1.5]
+    """
+    j_low, j_up = np.atleast_1d(np.asarray(j_low, float)), np.atleast_1d(np.asarray(j_up, float))
+    g_low = np.atleast_1d(np.asarray(lande_low, float))
+    g_up = np.atleast_1d(np.asarray(lande_up, float))
+    if polarizable is None:
+        polarizable = np.isfinite(j_low) & np.isfinite(j_up) & np.isfinite(g_low) \
+            & np.isfinite(g_up)
+    polarizable = np.broadcast_to(np.asarray(polarizable, bool), j_low.shape)
+    per_line = [_components(j_low[k], j_up[k], g_low[k], g_up[k]) if polarizable[k]
+                else [[(0.0, 1.0)], [(0.0, 1.0)], [(0.0, 1.0)]] for k in range(j_low.size)]
+    n_comp = max(1, max(len(g) for line in per_line for g in line))
+    out = {}
+    for gi, name in enumerate(("sigma_b", "pi", "sigma_r")):
+        shift = np.zeros((len(per_line), n_comp))
+        strength = np.zeros((len(per_line), n_comp))
+        mask = np.zeros((len(per_line), n_comp), dtype=bool)
+        for k, line in enumerate(per_line):
+            for c, (sh, w) in enumerate(line[gi]):
+                shift[k, c], strength[k, c], mask[k, c] = sh, w, True
+        out[name] = {"shift": shift, "strength": strength, "mask": mask}
     return out
 
 
@@ -494,24 +536,8 @@ class LineList:
         >>> float(z["sigma_r"]["shift"][1, 0]), int(z["pi"]["mask"][1].sum())  # 6302.5: J 1 → 0
         (2.487, 1)
         """
-        per_line = []
-        for k in range(len(self)):
-            if self.polarizable[k]:
-                per_line.append(_components(self.j_low[k], self.j_up[k], self.lande_low[k],
-                                            self.lande_up[k]))
-            else:
-                per_line.append([[(0.0, 1.0)], [(0.0, 1.0)], [(0.0, 1.0)]])
-        n_comp = max(len(g) for line in per_line for g in line)
-        out = {}
-        for gi, name in enumerate(("sigma_b", "pi", "sigma_r")):
-            shift = np.zeros((len(self), n_comp))
-            strength = np.zeros((len(self), n_comp))
-            mask = np.zeros((len(self), n_comp), dtype=bool)
-            for k, line in enumerate(per_line):
-                for c, (sh, w) in enumerate(line[gi]):
-                    shift[k, c], strength[k, c], mask[k, c] = sh, w, True
-            out[name] = {"shift": shift, "strength": strength, "mask": mask}
-        return out
+        return zeeman_pattern(self.j_low, self.j_up, self.lande_low, self.lande_up,
+                              polarizable=self.polarizable)
 
     def damping(self, temperature, n_e, n_h_neutral, n_he_neutral=None):
         """Radiative, quadratic-Stark and van der Waals widths Γ [s⁻¹] (FWHM in angular

@@ -316,7 +316,12 @@ def ionisation_fractions(element: str | int, temperature, n_e) -> Tensor:
 
 
 def _check(name: str, x: Tensor) -> None:
-    if torch.isnan(x).any():
+    """Value checks (skipped inside torch.func transforms, where they cannot run)."""
+    try:
+        bad_nan = bool(torch.isnan(x).any())
+    except RuntimeError:            # vmap / functorch: data-dependent control flow
+        return
+    if bad_nan:
         raise ValueError(f"{name} contains NaN")
     if (x <= 0).any():
         raise ValueError(f"{name} must be > 0 everywhere (min {float(x.min()):.3g})")

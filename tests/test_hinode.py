@@ -74,12 +74,12 @@ def test_instrument_profile_conserves_line_strength(obs):
 def test_lte_forward_jacobian_matches_finite_differences():
     from iris_lab.atomic import LineList
     from iris_lab.inversion.lm import jacobian
-    from iris_lab.inversion.lte import EngineLineList, LTEForward
+    from iris_lab.inversion.lte import LTEForward
     from iris_lab.nodes import NodeModel
     from iris_lab.synthesis.lte import LTESynthesizer
 
     wave = np.linspace(6302.35, 6302.65, 13)
-    synth = LTESynthesizer(EngineLineList(LineList.shipped("fe6301_6302").select([1])), wave)
+    synth = LTESynthesizer(LineList.shipped("fe6301_6302").select([1]), wave)
     model = NodeModel({"temperature": [-2.0, 0.0], "b_field": [-1.0]},
                       log_tau=np.round(np.arange(-4.0, 1.01, 0.25), 2))
     fwd = LTEForward(model, synth, continuum=float(synth.continuum_intensity()[0]))

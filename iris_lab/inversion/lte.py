@@ -39,36 +39,6 @@ def default_nodes() -> dict[str, list[float]]:
             "v_turb": list(three), "b_field": list(three), "inclination": list(three)}
 
 
-class EngineLineList:
-    """Read-only view of a :class:`~iris_lab.atomic.LineList` for the synthesizer.
-
-    Missing Anstee–Barklem–O'Mara data (NaN σ/α) become 0 ("not available"),
-    and the Zeeman pattern is rebuilt by the synthesizer from J and Landé
-    factors.
-
-    Example
-    -------
-    >>> from iris_lab.atomic import LineList
-    >>> lines = EngineLineList(LineList.shipped("fe6301_6302"))
-    >>> len(lines)
-    2
-    """
-
-    def __init__(self, line_list: Any) -> None:
-        self._lines = line_list
-
-    def __len__(self) -> int:
-        return len(self._lines)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "zeeman_pattern" or name.startswith("__"):
-            raise AttributeError(name)
-        value = getattr(self._lines, name)
-        if name in ("abo_sigma", "abo_alpha"):
-            return np.nan_to_num(np.asarray(value, dtype=np.float64))
-        return value
-
-
 class LTEForward:
     """Node parameters (and atomic offsets) → flattened normalised Stokes data.
 
@@ -245,7 +215,7 @@ def invert_hinode_mode1(path: str, profile_path: str, *, nodes: Mapping | None =
     pad = offsets.max() + step
     fine = np.arange(wave[0] - pad, wave[-1] + pad + step / 2, step)
     inst = instrument_matrix(fine, wave, offsets, trans)
-    lines = EngineLineList(LineList.shipped("fe6301_6302"))
+    lines = LineList.shipped("fe6301_6302")
     synth = LTESynthesizer(lines, fine)
     i_c = float(np.asarray(synth.continuum_intensity().detach().cpu()).ravel()[0])
     nodes = dict(nodes or {"temperature": [-2.5, -1.2, 0.2], "v_los": [-2.0, 0.0],

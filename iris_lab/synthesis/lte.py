@@ -41,6 +41,7 @@ Example
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -52,7 +53,7 @@ from torch import Tensor
 from iris_lab.synthesis.formal import bezier_intensity, delo_bezier
 from iris_lab.synthesis.profiles import voigt_faraday
 
-__all__ = ["LTESynthesizer", "continuum_intensity", "planck_lambda", "zeeman_components"]
+__all__ = ["LTESynthesizer", "continuum_intensity", "planck_lambda"]
 
 C_LIGHT = 2.99792458e10
 H_PLANCK = 6.62607015e-27
@@ -88,62 +89,6 @@ def planck_lambda(wavelength_aa: Tensor, temperature: Tensor) -> Tensor:
     lam = wavelength_aa * 1e-8
     x = H_PLANCK * C_LIGHT / (lam * K_BOLTZMANN * temperature)
     return 2.0 * H_PLANCK * C_LIGHT**2 / lam**5 / torch.expm1(x) * 1e-8
-
-
-def _wigner3j_squared(j_up: float, j_low: float, m_up: float, m_low: float) -> float:
-    from sympy import Rational
-    from sympy.physics.wigner import wigner_3j
-
-    q = m_low - m_up
-    value = wigner_3j(Rational(str(j_up)), Rational(str(j_low)), 1,
-                      -Rational(str(m_up)), Rational(str(m_low)), -Rational(str(q)))
-    return float(value) ** 2
-
-
-def zeeman_components(
-    j_low: Sequence[float], j_up: Sequence[float],
-    g_low: Sequence[float], g_up: Sequence[float],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Anomalous Zeeman pattern of each line (wavelength shifts in Δλ_B units).
-
-    Returns ``(shifts, strengths)`` of shape (n_lines, 3, n_components) for
-    the groups σ_b, π, σ_r (σ_b shifted to the blue for positive Landé
-    factors); strengths sum to one in each group, padding has strength 0.
-    Uses Wigner 3j symbols (Landi Degl'Innocenti & Landolfi 2004, eq. 3.66).
-
-    Example
-    -------
-    >>> shifts, strengths = zeeman_components([1.0], [0.0], [1.5], [0.0])
-    >>> shifts[0, :, 0].tolist()       # normal triplet, g_eff = 1.5
-    [-1.5, 0.0, 1.5]
-    """
-    rows = []
-    for jl, ju, gl, gu in zip(j_low, j_up, g_low, g_up, strict=True):
-        groups: list[list[tuple[float, float]]] = [[], [], []]
-        m_up_values = np.arange(-ju, ju + 0.5)
-        for m_up in m_up_values:
-            for q in (-1, 0, 1):
-                m_low = m_up + q
-                if abs(m_low) > jl + 1e-9:
-                    continue
-                strength = 3.0 * _wigner3j_squared(ju, jl, m_up, m_low)
-                if strength <= 0:
-                    continue
-                # Δλ = -λ0²/c Δν with Δν = ν_L (g_u M_u - g_l M_l)
-                shift = -(gu * m_up - gl * m_low)
-                group = {-1: 0, 0: 1, 1: 2}[q]      # M_l - M_u = -1: σ_b (blue for g > 0)
-                groups[group].append((shift, strength))
-        rows.append(groups)
-    n_comp = max(1, max(len(g) for groups in rows for g in groups))
-    shifts = np.zeros((len(rows), 3, n_comp))
-    strengths = np.zeros((len(rows), 3, n_comp))
-    for i, groups in enumerate(rows):
-        for p, group in enumerate(groups):
-            total = sum(s for _, s in group) or 1.0
-            for k, (shift, strength) in enumerate(group):
-                shifts[i, p, k] = shift
-                strengths[i, p, k] = strength / total
-    return shifts, strengths
 
 
 def _is_transformed(x: Tensor) -> bool:
@@ -220,9 +165,42 @@ def continuum_intensity(
         raise ValueError(f"mu must lie in (0, 1], not {mu}")
     engine.mu = float(mu)
     engine._continuum = continuum
+    engine._continuum_nodes = None
     engine.abundances = None
     p = engine.propagation(fields, lines=False)
     return bezier_intensity(p["tau"], p["planck"])
+
+
+#: Continuum opacity nodes at most this far apart [Å]; between them ln κ is
+#: linear in λ (error < 1e-6 of κ above 2500 Å: the second derivative of
+#: ln κ is ~ 1/λ², tested in tests/test_lte.py).
+CONTINUUM_NODE_SPACING_AA = 2.0
+#: Bound-free edges (H I Lyman … Brackett, H⁻ threshold) [Å]: a grid that
+#: spans one gets the continuum at every wavelength.
+_CONTINUUM_EDGES_AA = (911.8, 3646.0, 8204.0, 14584.0, 16419.0)
+
+
+def _continuum_nodes(grid: np.ndarray, device: torch.device):
+    """Nodes and interpolation indices/weights for the continuum opacity, or
+    ``None`` when the grid is not denser than the nodes or spans an edge."""
+    low, high = float(grid.min()), float(grid.max())
+    n_nodes = int(math.ceil((high - low) / CONTINUUM_NODE_SPACING_AA)) + 1
+    if grid.size <= 2 * n_nodes or any(low <= e <= high for e in _CONTINUUM_EDGES_AA):
+        return None
+    nodes = np.linspace(low, high, n_nodes)
+    hi = np.clip(np.searchsorted(nodes, grid, side="right"), 1, n_nodes - 1)
+    lo = hi - 1
+    weight = (grid - nodes[lo]) / (nodes[hi] - nodes[lo])
+    as_t = functools.partial(torch.as_tensor, device=device)
+    return (as_t(nodes, dtype=torch.float64), as_t(lo), as_t(hi),
+            as_t(weight, dtype=torch.float64))
+
+
+def _place(values: Tensor, j0: int, j1: int, n: int) -> Tensor:
+    """``values`` (..., j1 − j0, D) zero-padded to (..., n, D) along wavelength."""
+    if j0 == 0 and j1 == n:
+        return values
+    return torch.nn.functional.pad(values, (0, 0, j0, n - j1))
 
 
 class LTESynthesizer:
@@ -260,6 +238,11 @@ class LTESynthesizer:
     polarized
         ``False`` for field-free Stokes I only (one unsplit profile per line,
         scalar formal solver; Q = U = V = 0 returned), several times faster.
+    line_window_aa
+        Evaluate each line's profile only within this half-width [Å] of its
+        rest wavelength (``None``, the default: on the whole grid). Make it
+        wider than the line's wings matter plus the largest Doppler shift;
+        ``benchmarks/lte_synthesis.py`` measures the error of a choice.
 
     Raises
     ------
@@ -290,6 +273,7 @@ class LTESynthesizer:
         abundances: Mapping[str, float] | None = None,
         n_terms: int = 24,
         polarized: bool = True,
+        line_window_aa: float | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.polarized = bool(polarized)
@@ -357,7 +341,19 @@ class LTESynthesizer:
             [self.species.index(s) for s in zip(elements, ions, strict=True)],
             device=self.device)
 
-        shifts, strengths = self._zeeman(line_list)
+        self._components = self._zeeman(line_list)
+        self._continuum_nodes = _continuum_nodes(grid.numpy(), self.device)
+        if line_window_aa is not None and not float(line_window_aa) > 0:
+            raise ValueError(f"line_window_aa must be positive, not {line_window_aa}")
+        self.line_window_aa = None if line_window_aa is None else float(line_window_aa)
+        grid_np = grid.numpy()
+        if self.line_window_aa is None:
+            self._windows = [(0, grid_np.size)] * n_lines
+        else:
+            self._windows = [
+                (int(np.searchsorted(grid_np, c - self.line_window_aa, side="left")),
+                 int(np.searchsorted(grid_np, c + self.line_window_aa, side="right")))
+                for c in lam0]
         t = self._tensor
         self._lam0 = t(lam0)
         self._log_gf = t(numeric["log_gf"])
@@ -369,37 +365,38 @@ class LTESynthesizer:
         self._abo_sigma = t(numeric["abo_sigma"])
         self._abo_alpha = t(numeric["abo_alpha"])
         self._use_abo = t((numeric["abo_sigma"] > 0).astype(float))
-        self._shifts = t(shifts)
-        self._strengths = t(strengths)
 
     # ------------------------------------------------------------------
     def _tensor(self, value: Any) -> Tensor:
         return torch.as_tensor(np.asarray(value), dtype=self.dtype, device=self.device)
 
     @staticmethod
-    def _zeeman(line_list: Any) -> tuple[np.ndarray, np.ndarray]:
-        pattern = getattr(line_list, "zeeman_pattern", None)
-        if callable(pattern):
-            result = pattern()
-            groups = ("sigma_b", "pi", "sigma_r")
-            if isinstance(result, Mapping) and all(g in result for g in groups):
-                shifts = np.stack([np.asarray(result[g]["shift"], dtype=np.float64)
-                                   for g in groups], axis=1)
-                strengths = np.stack([
-                    np.where(np.asarray(result[g]["mask"], dtype=bool),
-                             np.asarray(result[g]["strength"], dtype=np.float64), 0.0)
-                    for g in groups], axis=1)
-                return shifts, strengths
-            if isinstance(result, Mapping):
-                shifts = np.asarray(result["shifts"], dtype=np.float64)
-                strengths = np.asarray(result["strengths"], dtype=np.float64)
-                mask = result.get("mask")
-                if mask is not None:
-                    strengths = np.where(np.asarray(mask, dtype=bool), strengths, 0.0)
-                if shifts.ndim == 3 and shifts.shape[1] == 3:
-                    return shifts, strengths
-        return zeeman_components(line_list.j_low, line_list.j_up,
-                                 line_list.lande_low, line_list.lande_up)
+    def _zeeman(line_list: Any) -> list[list[tuple[int, float, float]]]:
+        """Per line, its Zeeman components ``(group, shift [Δλ_B], strength)``.
+
+        Groups 0, 1, 2 are σ_b, π, σ_r; the pattern is the line list's own
+        (:meth:`iris_lab.atomic.LineList.zeeman_pattern`) or, for plain
+        objects with per-line arrays, :func:`iris_lab.atomic.zeeman_pattern`
+        (lines without Landé factors are unsplit).
+        """
+        from iris_lab.atomic import zeeman_pattern
+
+        method = getattr(line_list, "zeeman_pattern", None)
+        pattern = method() if callable(method) else zeeman_pattern(
+            line_list.j_low, line_list.j_up, line_list.lande_low, line_list.lande_up)
+        groups = ("sigma_b", "pi", "sigma_r")
+        n_lines = np.asarray(pattern["pi"]["shift"]).shape[0]
+        out: list[list[tuple[int, float, float]]] = [[] for _ in range(n_lines)]
+        for p, name in enumerate(groups):
+            g = pattern[name]
+            shift, strength = np.asarray(g["shift"], float), np.asarray(g["strength"], float)
+            mask = np.asarray(g["mask"], bool) & (strength > 0)
+            if not np.all(np.isfinite(shift[mask])):
+                bad = sorted({int(k) for k in np.nonzero(~np.isfinite(shift) & mask)[0]})
+                raise ValueError(f"line list: Zeeman shifts are not finite for line(s) {bad}")
+            for k, c in zip(*np.nonzero(mask), strict=True):
+                out[k].append((p, float(shift[k, c]), float(strength[k, c])))
+        return out
 
     @property
     def n_lines(self) -> int:
@@ -473,10 +470,17 @@ class LTESynthesizer:
                 for k in ("n_e", "n_h", "n_h_neutral", "n_protons", "kappa500")}
 
     def _continuum_kappa(self, f: dict[str, Tensor], state: dict[str, Tensor]) -> Tensor:
-        function = self._continuum or _default_continuum
-        kappa = function(self.wavelengths, f["temperature"], state["n_e"],
-                         state["n_h_neutral"], state.get("n_protons"))
-        return kappa.transpose(-1, -2)      # (..., wavelength, depth)
+        """Continuum κ (..., λ, D): the default opacities at a few wavelengths,
+        interpolated linearly in (λ, ln κ); a given ``continuum`` at every λ."""
+        args = (f["temperature"], state["n_e"], state["n_h_neutral"], state.get("n_protons"))
+        if self._continuum is not None:
+            return self._continuum(self.wavelengths, *args).transpose(-1, -2)
+        if self._continuum_nodes is None:
+            return _default_continuum(self.wavelengths, *args).transpose(-1, -2)
+        nodes, lo, hi, weight = self._continuum_nodes
+        log_kappa = torch.log(_default_continuum(nodes, *args))   # (..., D, K)
+        kappa = torch.exp(log_kappa[..., lo] * (1.0 - weight) + log_kappa[..., hi] * weight)
+        return kappa.transpose(-1, -2)
 
     def _damping(self, t: Tensor, n_e: Tensor, n_h_neutral: Tensor, lam0_cm: Tensor,
                  doppler_cm: Tensor) -> Tensor:
@@ -574,47 +578,68 @@ class LTESynthesizer:
         strength = (CLASSICAL_CROSS_SECTION * n_over_u * 10.0 ** log_gf.unsqueeze(-1)
                     * torch.exp(-self._e_low[:, None] * EV / (K_BOLTZMANN * t_l))
                     * stimulated / (delta_nu * math.sqrt(math.pi)))   # (..., L, D)
-
         centre = lam0 * (1.0 + f["v_los"].unsqueeze(-2) / C_LIGHT)   # (..., L, D)
-        v = ((self.wavelengths[:, None] - centre.unsqueeze(-2))
-             / doppler.unsqueeze(-2))                                # (..., L, λ, D)
-        a = damping.unsqueeze(-2)
+        inv_doppler = 1.0 / doppler
+
+        # One line at a time (a loop over the few lines, not over pixels):
+        # the arrays (..., λ, D) stay cache-sized, which is several times
+        # faster on CPU than one (..., L, λ, D) array, and each line is
+        # evaluated only inside its window.
+        n_lambda = self.n_wavelength
         if not self.polarized:
-            h, _ = voigt_faraday(a, v, self.n_terms)
-            e_i = (strength.unsqueeze(-2) * h).sum(-3)
+            e_i = eta_c
+            for k, (j0, j1) in enumerate(self._windows):
+                if j1 <= j0:
+                    continue
+                v = ((self.wavelengths[j0:j1, None] - centre[..., k, None, :])
+                     * inv_doppler[..., k, None, :])                 # (..., λw, D)
+                h, _ = voigt_faraday(damping[..., k, None, :], v, self.n_terms, faraday=False)
+                e_i = e_i + _place(strength[..., k, None, :] * h, j0, j1, n_lambda)
             zero = torch.zeros_like(eta_c)
-            return ({"i": eta_c + e_i, "q": zero, "u": zero, "v": zero},
+            return ({"i": e_i, "q": zero, "u": zero, "v": zero},
                     {"q": zero, "u": zero, "v": zero})
-        larmor = (LARMOR_AA * lam0**2 * f["b_field"].unsqueeze(-2) / doppler).unsqueeze(-2)
-        h_groups, l_groups = [], []
-        for p in range(3):
-            h_sum = torch.zeros_like(v)
-            l_sum = torch.zeros_like(v)
-            for k in range(self._shifts.shape[-1]):
-                shift = self._shifts[:, p, k][:, None, None]
-                weight = self._strengths[:, p, k][:, None, None]
-                h, l_ = voigt_faraday(a, v - shift * larmor, self.n_terms)
-                h_sum = h_sum + weight * h
-                l_sum = l_sum + weight * l_
-            h_groups.append(h_sum)
-            l_groups.append(l_sum)
+
+        # Σ over lines of strength × Σ_components weight × H (or L), per group
+        larmor = LARMOR_AA * lam0**2 * f["b_field"].unsqueeze(-2) * inv_doppler   # (..., L, D)
+        acc_h: list[Tensor | None] = [None, None, None]
+        acc_l: list[Tensor | None] = [None, None, None]
+        for k, (j0, j1) in enumerate(self._windows):
+            if j1 <= j0:
+                continue
+            v = ((self.wavelengths[j0:j1, None] - centre[..., k, None, :])
+                 * inv_doppler[..., k, None, :])
+            a_k = damping[..., k, None, :]
+            s_k = strength[..., k, None, :]
+            split = larmor[..., k, None, :]
+            g_h: list[Tensor | None] = [None, None, None]
+            g_l: list[Tensor | None] = [None, None, None]
+            for group, shift, weight in self._components[k]:
+                h, l_ = voigt_faraday(a_k, v - shift * split if shift else v, self.n_terms)
+                g_h[group] = weight * h if g_h[group] is None else g_h[group] + weight * h
+                g_l[group] = weight * l_ if g_l[group] is None else g_l[group] + weight * l_
+            for group in range(3):
+                for acc, g in ((acc_h, g_h), (acc_l, g_l)):
+                    term = _place(s_k * g[group], j0, j1, n_lambda)
+                    acc[group] = term if acc[group] is None else acc[group] + term
+        zero = torch.zeros_like(eta_c)
+        acc_h = [zero if x is None else x for x in acc_h]
+        acc_l = [zero if x is None else x for x in acc_l]
         gamma, chi = f["inclination"], f["azimuth"]
-        sin2 = (torch.sin(gamma) ** 2).unsqueeze(-2).unsqueeze(-2)
-        cos_g = torch.cos(gamma).unsqueeze(-2).unsqueeze(-2)
-        cos2chi = torch.cos(2.0 * chi).unsqueeze(-2).unsqueeze(-2)
-        sin2chi = torch.sin(2.0 * chi).unsqueeze(-2).unsqueeze(-2)
-        half = 0.5 * strength.unsqueeze(-2)                       # (..., L, 1, D)
+        sin2 = (torch.sin(gamma) ** 2).unsqueeze(-2)                 # (..., 1, D)
+        cos_g = torch.cos(gamma).unsqueeze(-2)
+        cos2chi = torch.cos(2.0 * chi).unsqueeze(-2)
+        sin2chi = torch.sin(2.0 * chi).unsqueeze(-2)
 
         def combine(groups):
             blue, pi, red = groups
             sigma = 0.5 * (blue + red)
-            i_term = (half * (pi * sin2 + sigma * (1.0 + cos_g**2))).sum(-3)
-            lin = (half * (pi - sigma) * sin2).sum(-3)
-            circ = (half * (red - blue) * cos_g).sum(-3)
-            return i_term, lin * cos2chi.squeeze(-3), lin * sin2chi.squeeze(-3), circ
+            i_term = 0.5 * (pi * sin2 + sigma * (1.0 + cos_g**2))
+            lin = 0.5 * (pi - sigma) * sin2
+            circ = 0.5 * (red - blue) * cos_g
+            return i_term, lin * cos2chi, lin * sin2chi, circ
 
-        e_i, e_q, e_u, e_v = combine(h_groups)
-        _, r_q, r_u, r_v = combine(l_groups)
+        e_i, e_q, e_u, e_v = combine(acc_h)
+        _, r_q, r_u, r_v = combine(acc_l)
         eta = {"i": eta_c + e_i, "q": e_q, "u": e_u, "v": e_v}
         rho = {"q": r_q, "u": r_u, "v": r_v}
         return eta, rho
