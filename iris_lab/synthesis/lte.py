@@ -83,7 +83,7 @@ def planck_lambda(wavelength_aa: Tensor, temperature: Tensor) -> Tensor:
     >>> import torch
     >>> b = planck_lambda(torch.tensor(5000.0, dtype=torch.float64),
     ...                   torch.tensor(5800.0, dtype=torch.float64))
-    >>> 3.0e6 < float(b) < 3.5e6
+    >>> 2.6e6 < float(b) < 2.8e6
     True
     """
     lam = wavelength_aa * 1e-8
@@ -238,11 +238,16 @@ class LTESynthesizer:
     polarized
         ``False`` for field-free Stokes I only (one unsplit profile per line,
         scalar formal solver; Q = U = V = 0 returned), several times faster.
-    line_window_aa
-        Evaluate each line's profile only within this half-width [Å] of its
-        rest wavelength (``None``, the default: on the whole grid). Make it
-        wider than the line's wings matter plus the largest Doppler shift;
-        ``benchmarks/lte_synthesis.py`` measures the error of a choice.
+    line_cutoff
+        Evaluate each line's profile only over the wavelengths where its
+        opacity can exceed ``line_cutoff`` × the continuum opacity at some
+        depth of some atmosphere of the call: the window is estimated per
+        call from the line-centre opacity, the Doppler core and the Lorentz
+        wings (``κ_l ≈ κ_0 a / (√π v²)``), plus Doppler and Zeeman shifts.
+        ``None`` (the default) evaluates every line on the whole grid. With
+        ``1e-4`` the 4015–4017 Å spectra change by < 1e-4 of the continuum
+        (tested) at about half the cost; the window moves with the
+        atmosphere, so use ``None`` for finite-difference derivatives.
 
     Raises
     ------
@@ -273,7 +278,7 @@ class LTESynthesizer:
         abundances: Mapping[str, float] | None = None,
         n_terms: int = 24,
         polarized: bool = True,
-        line_window_aa: float | None = None,
+        line_cutoff: float | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.polarized = bool(polarized)
@@ -343,17 +348,10 @@ class LTESynthesizer:
 
         self._components = self._zeeman(line_list)
         self._continuum_nodes = _continuum_nodes(grid.numpy(), self.device)
-        if line_window_aa is not None and not float(line_window_aa) > 0:
-            raise ValueError(f"line_window_aa must be positive, not {line_window_aa}")
-        self.line_window_aa = None if line_window_aa is None else float(line_window_aa)
-        grid_np = grid.numpy()
-        if self.line_window_aa is None:
-            self._windows = [(0, grid_np.size)] * n_lines
-        else:
-            self._windows = [
-                (int(np.searchsorted(grid_np, c - self.line_window_aa, side="left")),
-                 int(np.searchsorted(grid_np, c + self.line_window_aa, side="right")))
-                for c in lam0]
+        if line_cutoff is not None and not 0.0 < float(line_cutoff) < 1.0:
+            raise ValueError(f"line_cutoff must lie in (0, 1), not {line_cutoff}")
+        self.line_cutoff = None if line_cutoff is None else float(line_cutoff)
+        self._grid_cpu = grid.numpy().copy()
         t = self._tensor
         self._lam0 = t(lam0)
         self._log_gf = t(numeric["log_gf"])
@@ -552,6 +550,30 @@ class LTESynthesizer:
             "rho_v": rho["v"] * inv, "tau": tau, "planck": planck,
         }
 
+    def _line_windows(self, strength: Tensor, damping: Tensor, doppler: Tensor,
+                      centre: Tensor, larmor: Tensor | None, eta_c: Tensor
+                      ) -> list[tuple[int, int]]:
+        """Per line, the grid slice ``[j0, j1)`` where its profile is evaluated."""
+        n = self.n_wavelength
+        if self.line_cutoff is None:
+            return [(0, n)] * self.n_lines
+        with torch.no_grad():
+            kappa_c = eta_c.detach().amin(-2).unsqueeze(-2)                  # (..., 1, D)
+            ratio = strength.detach() / (self.line_cutoff * kappa_c)        # (..., L, D)
+            lorentz = torch.sqrt(ratio * damping.detach() / math.sqrt(math.pi))
+            gauss = torch.sqrt(torch.log(ratio.clamp(min=1.0)))
+            half = doppler.detach() * torch.maximum(lorentz, gauss)
+            if larmor is not None:
+                widest = torch.tensor([max((abs(c[1]) for c in comps), default=0.0)
+                                       for comps in self._components],
+                                      dtype=self.dtype, device=self.device)
+                half = half + (larmor.detach().abs() * widest[:, None]) * doppler.detach()
+            lo = (centre.detach() - half).reshape(-1, *half.shape[-2:]).amin(0).amin(-1)
+            hi = (centre.detach() + half).reshape(-1, *half.shape[-2:]).amax(0).amax(-1)
+        j0 = np.searchsorted(self._grid_cpu, lo.cpu().numpy(), side="left")
+        j1 = np.searchsorted(self._grid_cpu, hi.cpu().numpy(), side="right")
+        return [(int(a), int(b)) for a, b in zip(j0, j1, strict=True)]
+
     def _line_terms(self, f, state, log_gf_offset, dlambda, eta_c):
         t = f["temperature"]
         batch = t.shape[:-1]
@@ -580,6 +602,10 @@ class LTESynthesizer:
                     * stimulated / (delta_nu * math.sqrt(math.pi)))   # (..., L, D)
         centre = lam0 * (1.0 + f["v_los"].unsqueeze(-2) / C_LIGHT)   # (..., L, D)
         inv_doppler = 1.0 / doppler
+        larmor = None
+        if self.polarized:
+            larmor = LARMOR_AA * lam0**2 * f["b_field"].unsqueeze(-2) * inv_doppler  # (..., L, D)
+        windows = self._line_windows(strength, damping, doppler, centre, larmor, eta_c)
 
         # One line at a time (a loop over the few lines, not over pixels):
         # the arrays (..., λ, D) stay cache-sized, which is several times
@@ -588,7 +614,7 @@ class LTESynthesizer:
         n_lambda = self.n_wavelength
         if not self.polarized:
             e_i = eta_c
-            for k, (j0, j1) in enumerate(self._windows):
+            for k, (j0, j1) in enumerate(windows):
                 if j1 <= j0:
                     continue
                 v = ((self.wavelengths[j0:j1, None] - centre[..., k, None, :])
@@ -600,10 +626,9 @@ class LTESynthesizer:
                     {"q": zero, "u": zero, "v": zero})
 
         # Σ over lines of strength × Σ_components weight × H (or L), per group
-        larmor = LARMOR_AA * lam0**2 * f["b_field"].unsqueeze(-2) * inv_doppler   # (..., L, D)
         acc_h: list[Tensor | None] = [None, None, None]
         acc_l: list[Tensor | None] = [None, None, None]
-        for k, (j0, j1) in enumerate(self._windows):
+        for k, (j0, j1) in enumerate(windows):
             if j1 <= j0:
                 continue
             v = ((self.wavelengths[j0:j1, None] - centre[..., k, None, :])

@@ -91,7 +91,7 @@ def faddeeva(z: torch.Tensor, n_terms: int = 24) -> torch.Tensor:
     >>> import torch
     >>> w = faddeeva(torch.tensor([0.5 + 0.1j], dtype=torch.complex128))
     >>> round(float(w.real[0]), 6)
-    0.713825
+    0.717588
     """
     scale, coefficients = weideman_coefficients(n_terms)
     iz = 1j * z
@@ -213,7 +213,7 @@ def voigt_faraday(
     >>> import torch
     >>> h, f = voigt_faraday(torch.tensor(0.0, dtype=torch.float64),
     ...                      torch.tensor([0.0], dtype=torch.float64))
-    >>> float(h[0]), float(f[0])
+    >>> round(float(h[0]), 9), float(f[0])
     (1.0, 0.0)
     """
     dtype = torch.promote_types(a.dtype, v.dtype)

@@ -4,8 +4,10 @@ Example
 -------
 >>> from iris_lab.atmosphere import Atmosphere
 >>> from iris_lab.widgets.atmosphere import AtmosphereExplorer
->>> explorer = AtmosphereExplorer(Atmosphere.reference("falc"))
->>> explorer.select(40)
+>>> import contextlib, io
+>>> with contextlib.redirect_stdout(io.StringIO()):  # outside a notebook figures print
+...     explorer = AtmosphereExplorer(Atmosphere.reference("falc"))
+...     explorer.select(40)
 >>> explorer.readout.value.startswith("depth 40")
 True
 """
