@@ -238,7 +238,8 @@ def coupled_covariance(blocks: NormalBlocks) -> tuple[torch.Tensor, torch.Tensor
 
 
 def batched_finite_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                            step: float = 1e-6, max_rows: int = 4096
+                            step: float = 1e-6, max_rows: int = 4096,
+                            scale: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Model and forward-difference Jacobian of ``fn: (p, n) -> (p, m)`` in one batch.
 
@@ -256,9 +257,13 @@ def batched_finite_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch
     x
         Parameters ``(p, n)``.
     step
-        Relative step (``step · max(|x|, 1)``).
+        Relative step: ``step · max(|x|, scale)``.
     max_rows
         Largest number of rows passed to ``fn`` at once (memory bound).
+    scale
+        Typical size ``(n,)`` of each parameter (e.g. the width of its
+        bounds; default 1), so that a parameter near zero in large units
+        (v_los in cm/s) still gets a step well above round-off.
 
     Returns
     -------
@@ -275,7 +280,9 @@ def batched_finite_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch
     """
     p, n = x.shape
     with torch.no_grad():
-        h = step * torch.clamp(x.abs(), min=1.0)                        # (p, n)
+        floor = torch.ones(n, dtype=x.dtype, device=x.device) if scale is None else \
+            torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+        h = step * torch.maximum(x.abs(), floor)                        # (p, n)
         eye = torch.eye(n, dtype=x.dtype, device=x.device)
         stacked = torch.cat([x[None], x[None] + h.T[:, :, None] * eye[:, None, :]])
         rows = stacked.reshape((n + 1) * p, n)                          # column-major blocks
@@ -432,7 +439,8 @@ class CoupledLevenbergMarquardt:
                     cols_g.append((forward(x, gp) - model) / h[:, None])
         elif self.jacobian == "batched":
             model, jac = batched_finite_jacobian(
-                lambda z: forward(z[:, :n], z[:, n:]), torch.cat([x, g], -1))
+                lambda z: forward(z[:, :n], z[:, n:]), torch.cat([x, g], -1),
+                scale=getattr(self, "_fd_scale", None))
             return model, jac[..., :n], jac[..., n:]
         else:
             raise ValueError(f"unknown Jacobian method {self.jacobian!r}: 'jvp', 'finite' "
@@ -514,6 +522,7 @@ class CoupledLevenbergMarquardt:
         gen = torch.Generator(device="cpu").manual_seed(self.seed + state["perturbations"])
         span_l = torch.where(torch.isfinite(hi - lo), hi - lo, x.abs().mean(0) + 1.0)
         span_g = torch.where(torch.isfinite(ghi - glo), ghi - glo, g.abs() + 1.0)
+        self._fd_scale = _bound_scale(lo, hi, glo, ghi)
 
         t0 = time.perf_counter()
         self.perturbation_chi2_: list[float] = []
@@ -788,11 +797,23 @@ class AtomicParameters:
         return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def _batched_option(batched: bool, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+def _bound_scale(*bounds: Any) -> torch.Tensor:
+    """Width of each parameter's bounds (lower, upper pairs), 1 where unbounded:
+    the finite-difference step scale of :func:`batched_finite_jacobian`."""
+    lo = torch.cat([torch.as_tensor(b, dtype=torch.float64) for b in bounds[0::2]])
+    hi = torch.cat([torch.as_tensor(b, dtype=torch.float64) for b in bounds[1::2]])
+    width = hi - lo
+    return torch.where(torch.isfinite(width) & (width > 0), width, torch.ones_like(width))
+
+
+def _batched_option(batched: bool, fn: Callable[[torch.Tensor], torch.Tensor],
+                    *bounds: Any) -> dict:
     """``jacobian=`` keyword of :class:`LevenbergMarquardt` for ``"batched"``."""
     if not batched:
         return {}
-    return {"jacobian": lambda x, index=None: batched_finite_jacobian(fn, x)}
+    scale = _bound_scale(*bounds)
+    return {"jacobian": lambda x, index=None: batched_finite_jacobian(
+        fn, x, scale=scale.to(dtype=x.dtype, device=x.device))}
 
 
 Mode = Literal[1, 2, 3, "averaged"]
@@ -929,7 +950,7 @@ class AtomicInversion:
 
             def fwd1(z):
                 return fwd(z, g_fixed.expand(z.shape[0], k))
-            lm = LevenbergMarquardt(**lm_kw, **_batched_option(batched, fwd1))
+            lm = LevenbergMarquardt(**lm_kw, **_batched_option(batched, fwd1, lo_l, hi_l))
             lm.fit_cycles([Cycle(fwd1, lo_l, hi_l, names)], obs, x, sigma=sigma,
                           weights=weights, checkpoint=ck)
             res = lm.result_
@@ -953,7 +974,8 @@ class AtomicInversion:
 
             def fwd2(z):
                 return fwd(z[:, :n], z[:, n:])
-            lm = LevenbergMarquardt(**lm_kw, **_batched_option(batched, fwd2))
+            lm = LevenbergMarquardt(**lm_kw, **_batched_option(batched, fwd2, lo_l, hi_l,
+                                                               lo_g, hi_g))
             lm.fit_cycles([Cycle(fwd2, np.concatenate([lo_l, lo_g]),
                                  np.concatenate([hi_l, hi_g]), names + gnames)],
                           obs_fit, start, sigma=sig_fit, weights=w_fit, checkpoint=ck)

@@ -155,7 +155,8 @@ def perturb_atomic_data(n_lines: int, reference_line: int | None, *,
 
 
 def run_coupled_experiment(
-    ny: int = 3, nx: int = 3, *, lines: Any = SMALL_LINES,
+    ny: int = 3, nx: int = 3, *, atmosphere: Any = None, family: Any = None,
+    lines: Any = SMALL_LINES,
     wavelengths: np.ndarray | None = None, log_tau: np.ndarray | None = None,
     nodes: Mapping[str, Sequence[float]] | None = None, snr: float | None = None,
     modes: Sequence[int | str] = (1, 2, 3, "averaged"), max_iter: int = 5,
@@ -168,7 +169,12 @@ def run_coupled_experiment(
     Parameters
     ----------
     ny, nx
-        Size of the field of view (pixels).
+        Size of the field of view (pixels) built by
+        :func:`~iris_lab.worlds.photosphere.sample_photosphere_fov`.
+    atmosphere, family
+        Or the true atmospheres ``(ny, nx, depth)`` on a log τ scale (their
+        depth grid is used by the inversions) and optionally their family
+        labels ``(ny, nx)``.
     lines
         A :class:`~iris_lab.atomic.LineList`, or indices into the shipped
         ``4015_4017`` list (default :data:`SMALL_LINES`).
@@ -251,11 +257,20 @@ def run_coupled_experiment(
         wavelengths = np.round(np.arange(centres.min() - 0.07, centres.max() + 0.07 + 1e-9,
                                          0.02), 3)
     wave = np.asarray(wavelengths, dtype=float)
-    grid = small_log_tau() if log_tau is None else np.asarray(log_tau, dtype=float)
+    if atmosphere is None:
+        grid = small_log_tau() if log_tau is None else np.asarray(log_tau, dtype=float)
+        atm, family = sample_photosphere_fov(ny, nx, seed=fov_seed, log_tau=grid)
+    else:
+        atm = atmosphere
+        if len(atm.batch_shape) != 2:
+            raise ValueError(f"atmosphere must have batch shape (ny, nx), got {atm.batch_shape}")
+        ny, nx = atm.batch_shape
+        grid = np.asarray(atm.log_tau, dtype=float).reshape(-1, np.shape(atm.log_tau)[-1])[0]
+        if family is None:
+            family = np.full((ny, nx), "unknown")
     model = NodeModel(dict(nodes or small_nodes()), log_tau=grid)
 
     # -- the observations: exact atomic data
-    atm, family = sample_photosphere_fov(ny, nx, seed=fov_seed, log_tau=grid)
     obs = synthesize_fov(atm, line_list, wave, snr=snr, seed=seed, device=device)
     n_pix = ny * nx
     data = obs["spectra"].values.reshape(n_pix, -1)

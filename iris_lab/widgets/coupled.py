@@ -3,6 +3,8 @@
 Both take the ``xarray.Dataset`` of
 :func:`iris_lab.inversion.experiment.run_coupled_experiment`.
 
+* :func:`plot_overview` — the observed spectra with the line positions and
+  the perturbed starting atomic data.
 * :func:`plot_log_gf_errors` — the error of the inverted log(gf) of every line
   (inverted − exact) against its line depth and against a blending measure
   (distance to the nearest other line): mode 2 as the mean over pixels with
@@ -69,6 +71,70 @@ def as_png(fig: Any, dpi: int = 72) -> Any:
     from IPython.display import Image
 
     return Image(data=png_bytes(fig, dpi))
+
+
+def plot_overview(ds: Any, fig: Any = None) -> Any:
+    """The problem: observed spectra with the lines, and the perturbed start.
+
+    Left: Stokes I of every pixel (thin) and their mean (thick) with the line
+    positions (the reference line in bold). Right: the starting errors of
+    log(gf) [dex] and Δλ [mÅ] of every line.
+
+    Parameters
+    ----------
+    ds
+        Result of :func:`~iris_lab.inversion.experiment.run_coupled_experiment`.
+    fig
+        Figure to draw into (a new one when ``None``).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Example
+    -------
+    >>> fig = plot_overview(ds)     # doctest: +SKIP
+    """
+    from matplotlib.figure import Figure
+
+    if fig is None:
+        fig = Figure(figsize=(12, 3.6))
+    fig.clear()
+    ax, ax_gf = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
+    fig.subplots_adjust(left=0.06, right=0.93, bottom=0.22, top=0.9, wspace=0.3)
+    wl = ds["wavelength"].values
+    stokes_i = ds["observed"].sel(stokes="I").values.reshape(-1, wl.size)
+    ax.plot(wl, stokes_i.T, color="0.7", lw=0.6)
+    ax.plot(wl, stokes_i.mean(0), color="k", lw=1.6, label="mean")
+    ref = int(ds.attrs.get("reference_line", -1))
+    for i, (lam, label) in enumerate(zip(ds["line_wavelength"].values, ds["line"].values,
+                                         strict=True)):
+        ax.axvline(lam, color="C3" if i == ref else "C0", lw=0.8, ls="--")
+        ax.text(lam, 1.0, f" {label}" + (" (ref)" if i == ref else ""), rotation=90,
+                fontsize=7, va="top", ha="right", transform=ax.get_xaxis_transform(),
+                fontweight="bold" if i == ref else "normal")
+    ax.set_xlabel("λ [Å, air]")
+    ax.set_ylabel("I / I$_c$(quiet Sun)")
+    ax.ticklabel_format(axis="x", useOffset=False)
+    ax.set_title(f"Stokes I of the {stokes_i.shape[0]} pixels", fontsize=9)
+    pos = np.arange(ds.sizes["line"])
+    ax_gf.bar(pos - 0.2, ds["log_gf_start_error"].values, 0.4, color="C0",
+              label="Δlog gf [dex]")
+    ax_dl = ax_gf.twinx()
+    ax_dl.bar(pos + 0.2, 1e3 * ds["dlambda_start_error"].values, 0.4, color="C1",
+              label="Δλ [mÅ]")
+    ax_gf.axhline(0.0, color="k", lw=0.7)
+    ax_gf.set_ylabel("start Δlog gf [dex]", color="C0")
+    ax_dl.set_ylabel("start Δλ [mÅ]", color="C1")
+    lim = max(float(np.abs(ds["log_gf_start_error"].values).max()), 1e-3) * 1.15
+    ax_gf.set_ylim(-lim, lim)
+    lim_dl = max(float(np.abs(1e3 * ds["dlambda_start_error"].values).max()), 1e-3) * 1.15
+    ax_dl.set_ylim(-lim_dl, lim_dl)
+    ax_gf.set_xticks(pos)
+    ax_gf.set_xticklabels([str(s).rsplit(" ", 1)[0] + ("*" if i == ref else "")
+                           for i, s in enumerate(ds["line"].values)], fontsize=7, rotation=45)
+    ax_gf.set_title("perturbed start (* reference line: exact)", fontsize=9)
+    return fig
 
 
 def plot_log_gf_errors(ds: Any, against: str | tuple[str, ...] = ("depth", "blend"),
@@ -148,12 +214,12 @@ def plot_log_gf_errors(ds: Any, against: str | tuple[str, ...] = ("depth", "blen
         ax.axhline(0.0, color="k", lw=0.7)
         if 0 <= ref < n_lines and np.isfinite(xv[ref]):
             ax.axvline(xv[ref], color="k", ls=":", lw=1.0)
-            ax.text(xv[ref], 1.0, " ref", transform=ax.get_xaxis_transform(), fontsize=7,
-                    va="top")
+            ax.text(xv[ref], 0.98, f"{ds['line'].values[ref]} (reference)", rotation=90,
+                    transform=ax.get_xaxis_transform(), fontsize=6, va="top", ha="right")
         for i in np.flatnonzero(free):
             if np.isfinite(xv[i]):
-                ax.text(xv[i], 0.0, str(ds["line"].values[i]), rotation=90, fontsize=6,
-                        transform=ax.get_xaxis_transform(), va="bottom", ha="center",
+                ax.text(xv[i], 0.98, str(ds["line"].values[i]), rotation=90, fontsize=6,
+                        transform=ax.get_xaxis_transform(), va="top", ha="right",
                         color="0.4")
         ax.set_xlabel(xlabel)
         if kind == "blend" and finite_x.size and finite_x.max() / max(finite_x.min(), 1e-9) > 20:
