@@ -30,6 +30,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -110,6 +111,41 @@ class CheckpointStore:
     def log(self, record: dict[str, Any]) -> None:
         with open(self.path / "log.jsonl", "a") as handle:
             handle.write(json.dumps({"time": _now(), **record}) + "\n")
+
+    def import_chunks(self, other: str | Path, note: str) -> list[int]:
+        """Copy finished chunks of another store (same atmospheres and chunk
+        ids, another solver set-up) that this store lacks, and log them.
+
+        Used to keep chunks solved with a reference set-up when a build
+        switches to a cheaper one whose difference was measured (``note``
+        says how much); :func:`export` lists the imported chunks in ``attrs``.
+        """
+        source = Path(other)
+        stored = json.loads((source / "index.json").read_text())["spec"]
+        mine = {k: v for k, v in self.spec.items() if k != "synth"}
+        if {k: v for k, v in stored.items() if k != "synth"} != mine:
+            raise ValueError(f"{source} holds other atmospheres ({stored}); cannot import")
+        done = self.done()
+        imported = []
+        for path in sorted(source.glob("chunk_*.nc")):
+            chunk_id = int(path.stem.split("_")[1])
+            if chunk_id in done:
+                continue
+            tmp = self.chunk_path(chunk_id).with_name(f"{path.name}.{os.getpid()}.tmp")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, self.chunk_path(chunk_id))
+            imported.append(chunk_id)
+        self.log({"status": "imported", "chunks": imported, "source": str(source),
+                  "synth": stored.get("synth"), "note": note})
+        return imported
+
+    def imported(self) -> list[dict[str, Any]]:
+        """Log records of :meth:`import_chunks`."""
+        log = self.path / "log.jsonl"
+        if not log.exists():
+            return []
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        return [r for r in lines if r.get("status") == "imported" and r.get("chunks")]
 
     def failures(self) -> list[dict[str, Any]]:
         log = self.path / "log.jsonl"
@@ -804,6 +840,11 @@ def export(store: CheckpointStore, out: str | Path, *, command: str | None = Non
     attrs.update({"n_solved": str(n_total), "n_not_converged": str(int(n_total - keep.sum())),
                   "n_kept": str(int(keep.sum())),
                   "solve_seconds_total": f"{float(ds['solve_seconds'].sum()):.0f}"})
+    for record in store.imported():
+        setup = record.get("synth") or {}
+        attrs["chunks_from_other_setup"] = (
+            f"chunks {record['chunks']} solved with n_rays={setup.get('n_rays')}, "
+            f"prd={setup.get('prd')}: {record.get('note', '')}")
     if spec["kind"] == "flare":
         ds = _export_flare(ds)
         seqs = np.unique(ds["sequence"].values)

@@ -142,3 +142,26 @@ def test_make_spec_validates():
         make_spec("mgii", 0)
     spec = make_spec("flare", 40)
     assert spec["chunk_size"] == 20 and spec["synth"]["problem"] == "halpha_ca8542"
+
+
+def test_import_chunks_from_another_setup(tmp_path):
+    """Chunks of the same atmospheres solved with another set-up are copied in
+    (only the missing ones), logged, and refused for other atmospheres."""
+    import xarray as xr
+
+    reference = make_spec("mgii", 40, synth={"n_rays": 5})
+    cheaper = make_spec("mgii", 40, synth={"n_rays": 3})
+    old = CheckpointStore(tmp_path / "old", reference)
+    new = CheckpointStore(tmp_path / "new", cheaper)
+    for chunk_id in (1, 2, 3):
+        old.write(chunk_id, xr.Dataset({"x": ("entry", np.full(2, float(chunk_id)))}))
+    new.write(2, xr.Dataset({"x": ("entry", np.full(2, -2.0))}))
+    assert new.import_chunks(tmp_path / "old", "measured difference < 0.1 %") == [1, 3]
+    assert new.done() == {1, 2, 3}
+    with xr.open_dataset(new.chunk_path(2)) as kept:
+        assert float(kept["x"][0]) == -2.0          # its own chunk is not overwritten
+    (record,) = new.imported()
+    assert record["chunks"] == [1, 3] and record["synth"] == {"n_rays": 5}
+    other = CheckpointStore(tmp_path / "other", make_spec("mgii", 80, synth={"n_rays": 3}))
+    with pytest.raises(ValueError, match="other atmospheres"):
+        other.import_chunks(tmp_path / "old", "")
