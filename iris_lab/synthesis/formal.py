@@ -241,9 +241,11 @@ def bezier_intensity(tau: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """
     control = _control_points(tau, source.unsqueeze(-1))[..., 0]
     step = tau[..., 1:] - tau[..., :-1]
-    e, _, _, w0, wc, wu = _weights(step)
-    intensity = source[..., -1] + (source[..., -1] - source[..., -2]) / step[..., -1]
-    for k in range(tau.shape[-1] - 2, -1, -1):
-        intensity = (e[..., k] * intensity + w0[..., k] * source[..., k]
-                     + wc[..., k] * control[..., k] + wu[..., k] * source[..., k + 1])
-    return intensity
+    _, _, _, w0, wc, wu = _weights(step)
+    boundary = source[..., -1] + (source[..., -1] - source[..., -2]) / step[..., -1]
+    # I_k = e^{-Δ_k} I_{k+1} + L_k unrolled: I_0 = Σ_k e^{-(τ_k − τ_0)} L_k
+    # + e^{-(τ_bottom − τ_0)} I_bottom, one vectorised sum instead of a loop
+    # over depth.
+    local = w0 * source[..., :-1] + wc * control + wu * source[..., 1:]
+    attenuation = torch.exp(-(tau - tau[..., :1]))
+    return (attenuation[..., :-1] * local).sum(-1) + attenuation[..., -1] * boundary
