@@ -800,8 +800,13 @@ class AtomicParameters:
 def _bound_scale(*bounds: Any) -> torch.Tensor:
     """Width of each parameter's bounds (lower, upper pairs), 1 where unbounded:
     the finite-difference step scale of :func:`batched_finite_jacobian`."""
-    lo = torch.cat([torch.as_tensor(b, dtype=torch.float64) for b in bounds[0::2]])
-    hi = torch.cat([torch.as_tensor(b, dtype=torch.float64) for b in bounds[1::2]])
+    def vector(b: Any) -> torch.Tensor:
+        if isinstance(b, torch.Tensor):
+            return b.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        return torch.tensor(np.array(b, dtype=np.float64).reshape(-1))
+
+    lo = torch.cat([vector(b) for b in bounds[0::2]])
+    hi = torch.cat([vector(b) for b in bounds[1::2]])
     width = hi - lo
     return torch.where(torch.isfinite(width) & (width > 0), width, torch.ones_like(width))
 

@@ -161,7 +161,8 @@ def run_coupled_experiment(
     nodes: Mapping[str, Sequence[float]] | None = None, snr: float | None = None,
     modes: Sequence[int | str] = (1, 2, 3, "averaged"), max_iter: int = 5,
     reference_line: int | None = None, sigma_log_gf: float = 0.2,
-    sigma_dlambda: float = 0.005, jacobian: str = "batched", uncertainties: bool = False,
+    sigma_dlambda: float = 0.005, jacobian: str = "batched", lam0: float = 0.1,
+    uncertainties: bool = False,
     seed: int = 0, fov_seed: int = 0, device: str = "cpu", progress: bool = False,
 ):
     """Synthesise a field of view, perturb the atomic data, invert in every mode.
@@ -201,6 +202,9 @@ def run_coupled_experiment(
         Jacobian method of the fits (``"batched"``: forward differences with
         all columns in one engine call, the fastest on CPU; ``"jvp"``,
         ``"finite"``).
+    lam0
+        Starting Marquardt parameter of every mode (the same for the per-pixel
+        and the coupled solver).
     uncertainties
         Also compute σ from the inverse Hessian (one more Jacobian per mode).
     seed, fov_seed
@@ -310,9 +314,10 @@ def run_coupled_experiment(
     dl_pix = np.full((n_pix, n_lines), nan)
     wall = np.full(n_m, nan)
     n_iter = np.zeros(n_m, dtype=int)
-    coupled_opts = {"jacobian": jacobian, "uncertainties": uncertainties,
+    coupled_opts = {"jacobian": jacobian, "uncertainties": uncertainties, "lam0": lam0,
                     "chunk_size": max(n_pix, 1), "progress": progress}
-    lm_opts = {"jacobian": jacobian, "uncertainties": uncertainties, "progress": progress}
+    lm_opts = {"jacobian": jacobian, "uncertainties": uncertainties, "lam0": lam0,
+               "progress": progress}
     for im, mode in enumerate(modes):
         inv = AtomicInversion(int(mode) if mode != "averaged" else "averaged", atomic,
                               max_iter=max_iter, lm_options=lm_opts,
