@@ -28,7 +28,13 @@ import torch
 import xarray as xr
 from bench_timing import best_time, gemm_rate
 
-from iris_lab.methods.inn import QUANTITIES, FlareINN, atmosphere_to_x, normalise_profiles
+from iris_lab.methods.inn import (
+    QUANTITIES,
+    FlareINN,
+    atmosphere_to_x,
+    held_out_halves,
+    normalise_profiles,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = {"forward_mse": 5.73e-5, "draws_20000_gpu_s": 0.893, "draws_20000_cpu_s": 84.5}
@@ -36,10 +42,13 @@ PAPER = {"forward_mse": 5.73e-5, "draws_20000_gpu_s": 0.893, "draws_20000_cpu_s"
 
 
 def validation(inn: FlareINN, data: xr.Dataset, n_pixels: int, n_draws: int) -> None:
-    mask = data["held_out"].values.astype(bool)
-    if "converged" in data:
-        mask &= data["converged"].values.astype(bool)
+    # the second half of the held-out sequences: the first chose the latent scale
+    _, mask = held_out_halves(data)
     held = data.isel(sample=np.flatnonzero(mask))
+    print(f"\nlatent scale {inn.latent_scale_} (chosen on the other held-out half: "
+          f"{getattr(inn, 'latent_calibration_', {}).get('coverage', 'not calibrated')}); "
+          f"68 % coverage on this half with latent scale 1: "
+          f"{_coverage_at(inn, held, 1.0, min(n_draws, 200)):.2f}")
     y = normalise_profiles(held["halpha"].values, held["ca8542"].values)
     pred = inn.predict_profiles(held["n_e"].values, held["temperature"].values,
                                 held["v_los"].values)
@@ -75,6 +84,15 @@ def validation(inn: FlareINN, data: xr.Dataset, n_pixels: int, n_draws: int) -> 
     for j in range(0, nh, 5):
         print(f"  {inn.heights_[j] / 1e8:6.2f}  {rms_h[0, j]:.3f} / {rms_h[1, j]:.3f} / "
               f"{rms_h[2, j]:.3f}")
+
+
+def _coverage_at(inn: FlareINN, data: xr.Dataset, scale: float, n_draws: int) -> float:
+    kept = inn.latent_scale_
+    inn.latent_scale_ = scale
+    try:
+        return inn.coverage(data, n_draws=n_draws)
+    finally:
+        inn.latent_scale_ = kept
 
 
 def speed(label: str, inn: FlareINN, map_size: int, n_draws_map: int, rate: float,

@@ -86,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             break
     held = data.isel(sample=np.flatnonzero(data["held_out"].values
                                            & data.get("converged", data["held_out"]).values))
-    from iris_lab.methods.inn import normalise_profiles
+    from iris_lab.methods.inn import held_out_halves, normalise_profiles
+
+    calibration, _ = held_out_halves(data)
+    table = inn.calibrate_latent_scale(data.isel(sample=np.flatnonzero(calibration)))
+    print("latent scale → 68 % coverage on the calibration half:",
+          {k: round(v, 3) for k, v in table.items()}, "chosen", inn.latent_scale_)
 
     pred = inn.predict_profiles(held["n_e"].values, held["temperature"].values,
                                 held["v_los"].values)
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "n_samples": int(data.sizes["sample"]), "n_held_out": int(held.sizes["sample"]),
         "epochs_trained": inn.n_epochs_, "finished": bool(inn.finished_),
         "best_epoch": inn.best_epoch_, "held_out_forward_mse": mse,
+        "latent_scale": inn.latent_scale_,
+        "latent_scale_chosen_on": "first half of the held-out sequences (held_out_halves)",
         "torch": torch.__version__, "FrEIA": getattr(FrEIA, "__version__", "0.2"),
         "numpy": np.__version__, "git_commit": _git_commit(),
         "command": "python scripts/train_flare_inn.py " + " ".join(sys.argv[1:]),

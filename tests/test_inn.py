@@ -266,3 +266,24 @@ def test_posterior_summary_map_flags_and_crisp_grid(trained, toy):
     narrow = cube.isel(wl_ca=slice(3, 22))
     with pytest.raises(ValueError, match="do not cover"):
         trained.posterior_summary(narrow, n_draws=4)
+
+
+def test_latent_scale_widens_posteriors_and_is_saved(trained, toy, tmp_path):
+    """Coverage of the 68 % interval grows with the latent scale; calibration
+    picks the scale nearest 0.68, keeps the table, and survives save/load."""
+    import copy
+
+    held = toy.isel(sample=np.flatnonzero(toy["held_out"].values))
+    inn = copy.deepcopy(trained)
+    narrow = inn.coverage(held, n_draws=64)
+    inn.latent_scale_ = 3.0
+    wide = inn.coverage(held, n_draws=64)
+    assert wide > narrow
+    table = inn.calibrate_latent_scale(held, scales=(1.0, 2.0, 3.0), n_draws=64)
+    assert set(table) == {1.0, 2.0, 3.0}
+    assert inn.latent_scale_ == min(table, key=lambda s: abs(table[s] - 0.68))
+    back = FlareINN.load(inn.save(tmp_path / "calibrated.safetensors"))
+    assert back.latent_scale_ == inn.latent_scale_
+    assert back.latent_calibration_["coverage"] == {str(k): v for k, v in table.items()}
+    with pytest.raises(ValueError, match="positive"):
+        inn.calibrate_latent_scale(held, scales=(0.0,))
