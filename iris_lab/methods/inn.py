@@ -624,7 +624,8 @@ class FlareINN:
         ``s`` in ``scales`` the coverage of the central ``level`` interval is
         measured on ``data`` (use samples that were neither trained on nor used
         for the reported validation), and ``latent_scale_`` is set to the ``s``
-        whose coverage is closest to ``level``.
+        whose coverage is closest to ``level`` (within 0.01 of the closest, the
+        one nearest 1: no widening the data do not ask for).
 
         Returns
         -------
@@ -641,8 +642,10 @@ class FlareINN:
                 raise ValueError(f"latent scales must be positive, not {scale}")
             self.latent_scale_ = float(scale)
             table[float(scale)] = self.coverage(data, n_draws=n_draws, level=level, seed=seed)
-        best = min(table, key=lambda k: abs(table[k] - level))
-        self.latent_scale_ = best
+        # the scale nearest ``level``; within 0.01 of that, the one nearest 1
+        smallest = min(abs(c - level) for c in table.values())
+        near = [k for k, c in table.items() if abs(c - level) <= smallest + 0.01]
+        self.latent_scale_ = min(near, key=lambda k: abs(math.log(k)))
         self.latent_calibration_ = {"level": level, "coverage": {str(k): v for k, v in
                                                                  table.items()}}
         return table
