@@ -241,3 +241,22 @@ def test_bad_input_raises():
         lm.fit(gauss_line, obs[:, :10], start_of(truth))
     with pytest.raises(ValueError, match="Jacobian method"):
         jacobian(gauss_line, truth, "magic")
+
+
+def test_finite_jacobian_step_follows_the_parameter_scale():
+    """A velocity at 0 cm/s in a model with float32 internals (like an
+    instrument matrix): a step of 1e-4 of a unit is lost in rounding and gives
+    a zero column; a step scaled to the parameter (1e-4 × 1e5 cm/s) is right."""
+    from iris_lab.inversion.lm import jacobian
+
+    def fn(x):
+        shifted = torch.cos(x[:, 0] / 1e5) + torch.sin(x[:, 0] / 1e5)
+        return torch.stack([shifted.float().double(), x[:, 1] ** 2], dim=-1)
+
+    x = torch.tensor([[0.0, 3.0]], dtype=torch.float64)
+    _, exact = jacobian(fn, x, "jvp")
+    _, scaled = jacobian(fn, x, "finite", step=1e-4,
+                         scale=torch.tensor([1e5, 1.0], dtype=torch.float64))
+    assert torch.allclose(scaled, exact, rtol=1e-2, atol=1e-9)
+    _, unit = jacobian(fn, x, "finite", step=1e-4)
+    assert float(unit[0, 0, 0]) == 0.0

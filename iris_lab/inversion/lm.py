@@ -80,7 +80,8 @@ Forward = Callable[..., torch.Tensor]
 
 # ----------------------------------------------------------------------------- Jacobians
 def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-             method: str = "jvp", step: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+             method: str = "jvp", step: float = 1e-6, scale: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Model and Jacobian of a batched function ``fn: (p, n) -> (p, m)``.
 
     Row ``k`` of the output depends on row ``k`` of ``x`` only (independent
@@ -99,7 +100,12 @@ def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         ``vmap``-compatible) or ``"finite"`` (forward differences with
         relative step ``step``).
     step
-        Relative step of the finite differences.
+        Relative step of the finite differences: ``step × max(|x|, scale)``.
+    scale
+        Typical magnitude of each parameter ``(n,)`` (default 1), so that a
+        parameter near zero (a velocity in cm/s) gets a step of its own size,
+        not 1e-6 of a unit; :class:`LevenbergMarquardt` passes the widths of
+        the finite bounds.
 
     Returns
     -------
@@ -136,7 +142,8 @@ def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             f = fn(x)
             cols = []
             for j in range(n):
-                h = step * torch.clamp(x[:, j].abs(), min=1.0)
+                floor = 1.0 if scale is None else float(scale[j])
+                h = step * torch.clamp(x[:, j].abs(), min=floor)
                 xp = x.clone()
                 xp[:, j] = xp[:, j] + h
                 cols.append((fn(xp) - f) / h[:, None])
@@ -609,11 +616,14 @@ class LevenbergMarquardt:
                 return fn(x), None
         if callable(self.jacobian):
             return self.jacobian(x, index)
-        return jacobian(fn, x, self.jacobian)
+        return jacobian(fn, x, self.jacobian, scale=getattr(self, "_step_scale", None))
 
     def _run(self, forward: Forward, obs: torch.Tensor, sqrt_w: torch.Tensor, x: torch.Tensor,
              lo: torch.Tensor, hi: torch.Tensor, max_iter: int, names: list[str]) -> LMResult:
         n_pix, n = x.shape
+        span = (hi - lo).reshape(-1, n)
+        span = torch.where(torch.isfinite(span) & (span > 0), span, torch.ones_like(span))
+        self._step_scale = span.amin(0)      # finite-difference step floor per parameter
         subset = _takes_index(forward)
         all_idx = torch.arange(n_pix, device=self.device)
         n_data = (sqrt_w > 0).sum(-1).to(self.dtype)
