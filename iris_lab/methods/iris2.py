@@ -342,37 +342,52 @@ def raster_on_grid(raster: xr.DataArray, wavelength: np.ndarray) -> np.ndarray:
 def _lookup_block(model: IRIS2, profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact best index and χ² for (n, n_λ) profiles with NaN at masked samples."""
     database, weights = model._profiles, model.weights_
-    profiles = np.asarray(profiles, dtype=np.float64)
+    profiles = np.asarray(profiles)
+    if profiles.dtype not in (np.float32, np.float64):
+        profiles = profiles.astype(np.float64)
     n = len(profiles)
     index = np.full(n, -1, dtype=np.int64)
     chi2 = np.full(n, np.nan, dtype=np.float64)
     valid = np.isfinite(profiles)
-    wv = weights[None] * valid
-    frac = 1.0 - wv.sum(1) / weights.sum()
+    complete = valid.all(1)
+    frac = np.zeros(n)
+    if not complete.all():
+        frac[~complete] = 1.0 - (valid[~complete] @ weights) / weights.sum()
     usable = frac <= _MASKED_FRACTION
     if not usable.any():
         return index, chi2
     # group pixels by mask pattern: each pattern is an exact weighted search
-    packed = np.packbits(valid[usable], axis=1)
-    patterns, inverse = np.unique(packed, axis=0, return_inverse=True)
     rows = np.flatnonzero(usable)
+    if complete[rows].all():
+        n_patterns, inverse = 1, np.zeros(len(rows), dtype=np.int64)
+        obs_all = profiles
+    else:
+        _, inverse = np.unique(np.packbits(valid[rows], axis=1), axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        n_patterns = int(inverse.max()) + 1
+        obs_all = np.where(valid, profiles, 0.0)
+    dist = np.full(n, np.nan, dtype=np.float64)
     small: list[np.ndarray] = []
-    for g in range(len(patterns)):
-        members = rows[inverse.ravel() == g]
-        if len(members) < _MIN_GROUP and len(patterns) > 1:
+    for g in range(n_patterns):
+        members = rows if n_patterns == 1 else rows[inverse == g]
+        if len(members) < _MIN_GROUP and n_patterns > 1:
             small.append(members)
             continue
-        obs = np.where(valid[members], profiles[members], 0.0)
-        index[members], _ = model._search(weights * valid[members[0]]).query(obs)
+        obs = obs_all if len(members) == n else obs_all[members]
+        index[members], dist[members] = model._search(weights * valid[members[0]]).query(obs)
     if small:
         members = np.concatenate(small)
-        obs = np.where(valid[members], profiles[members], 0.0)
-        index[members], _ = brute_force_nearest(obs, database, wv[members])
-    # χ² recomputed the same way for every pixel, whatever path found the entry
+        index[members], dist[members] = brute_force_nearest(
+            obs_all[members], database, weights[None] * valid[members])
+    # χ² = the search's weighted distance Σ w m (o - d)² (float64, explicit
+    # differences, whatever path found the entry) over the weighted profile power
+    # Σ w m o² (masked samples are zero in obs_all)
+    import torch
+
     sel = index >= 0
-    obs = np.where(valid[sel], profiles[sel], 0.0)
-    resid = ((obs - database[index[sel]]) ** 2 * wv[sel]).sum(1)
-    chi2[sel] = resid / np.maximum((obs**2 * wv[sel]).sum(1), 1e-300)
+    power = (torch.as_tensor(obs_all, dtype=torch.float64).square()  # not in place: may share
+             @ torch.as_tensor(weights)).numpy()                     # the caller's memory
+    chi2[sel] = dist[sel] / np.maximum(power[sel], 1e-300)
     return index, chi2
 
 
@@ -546,7 +561,10 @@ class IRIS2:
                 chi2: np.ndarray, shape2: tuple[int, int], method: str) -> xr.Dataset:
         db = self.database_
         valid = np.isfinite(flat)
-        frac = 1.0 - (valid @ self.weights_) / self.weights_.sum()
+        complete = valid.all(1)
+        frac = np.zeros(len(flat))
+        if not complete.all():
+            frac[~complete] = 1.0 - (valid[~complete] @ self.weights_) / self.weights_.sum()
         del valid
         quality = np.zeros(len(flat), dtype=np.uint8)
         quality[frac > _MASKED_FRACTION] |= 1

@@ -2,32 +2,33 @@
 
 For weights ``w`` the distance of an observed profile ``o`` to a database profile
 ``d`` is ``Σ_λ w_λ (o_λ - d_λ)²``. With ``s = √w`` both live in the scaled space
-``o' = s o``, ``d' = s d``, where the distance is Euclidean. Let ``V`` be an
+``x = s o``, ``y = s d``, where the distance is Euclidean. Let ``V`` be an
 orthonormal basis of the leading principal directions of the (centred) database
-and write ``o' - m = V a + r_o``, ``d' - m = V b + r_d`` with ``r ⟂ V``. Then,
+and write ``x - m = V a + r_x``, ``y - m = V b + r_y`` with ``r ⟂ V``. Then,
 exactly,
 
-    ‖o' - d'‖² = ‖a - b‖² + ‖r_o - r_d‖² ≥ ‖a - b‖² + (‖r_o‖ - ‖r_d‖)²  = LB,
+    ‖x - y‖² = ‖a - b‖² + ‖r_x - r_y‖² ≥ ‖a - b‖² + (‖r_x‖ - ‖r_y‖)² = LB,
 
 so the lower bound ``LB`` is the squared Euclidean distance between the
-augmented vectors ``ã = [a, ‖r_o‖]`` and ``b̃ = [b, ‖r_d‖]`` (``k + 1``
-dimensions instead of ``n_λ``).
+augmented vectors ``ã = [a, ‖r_x‖]`` and ``b̃ = [b, ‖r_y‖]`` (``k + 1``
+dimensions instead of ``n_λ``; ``k`` ≈ 8–24).
 
-The entries are grouped by k-means in that augmented space (about √N groups,
-centre ``c_g``, radius ``R_g``). By the triangle inequality every member of
-group ``g`` has ``√LB ≥ ‖ã − c_g‖ − R_g``. Pixels are processed by their
-nearest group: the best-``LB`` member of that group, evaluated exactly, gives
-an upper bound ``U`` on the pixel's best distance; groups whose bound exceeds
-``U`` are skipped whole; in the remaining groups only entries with ``LB ≤ U``
-are evaluated exactly in float64. The result is the entry a brute-force search
-finds (ties resolved to the smallest index, as ``argmin``).
+A k-d tree over the ``b̃`` (:class:`scipy.spatial.cKDTree`, queried with
+``torch.get_num_threads()`` workers) gives, for every pixel, the ``K`` entries of
+smallest ``LB`` (``n_candidates``, default 4). Their exact distances (float64,
+explicit differences, evaluated only while ``LB`` is below the best exact
+distance ``U`` found so far) give ``U``. If the ``K``-th smallest ``LB`` exceeds
+``U``, no other entry can be closer (its exact distance ≥ its ``LB`` > ``U``):
+the pixel is done. For the few others, every entry with ``LB ≤ U`` is fetched
+by a radius query and evaluated exactly. The result is the entry a brute-force
+search finds, ties resolved to the smallest index (as ``argmin``).
 
-Floating point: ``LB`` is one float32 matrix product of ``[ã, ‖ã‖², 1]`` and
-``[−2 b̃, 1, ‖b̃‖²]``; its rounding error is below
-``2 (k + 3) ε₃₂ (‖ã‖² + ‖b̃‖²)`` (ε₃₂ = 2⁻²³, the standard bound for a dot
-product of length k + 3); candidates are kept up to four times that slack, and
-the group bounds are computed in float64 with the same slack, so no true winner
-is pruned by rounding.
+Floating point: the bounds are float64; their rounding error (≤ 10⁻⁹ of
+``(‖ã‖ + ‖b̃‖)²``: ``‖r‖² = ‖x‖² − ‖a‖²`` only where it keeps ≥ 10⁻⁶ of
+``‖x‖²``, the residual vector itself elsewhere) is covered by a slack
+``δ = 10⁻⁸ (2‖ã‖ + √U)²`` added to every comparison, so rounding never prunes
+a true winner. The exact distances are float64 sums of explicit squared
+differences, like those of :func:`brute_force_nearest`.
 
 Example
 -------
@@ -46,7 +47,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_EPS32 = float(np.finfo(np.float32).eps)
+#: Relative slack on every bound comparison (far above float64 rounding of the bound).
+_SLACK = 1e-8
+#: Largest default projection basis (a k-d tree works best in few dimensions).
+_MAX_COMPONENTS = 24
 
 
 def brute_force_nearest(queries: np.ndarray, database: np.ndarray, weights: np.ndarray,
@@ -61,6 +65,8 @@ def brute_force_nearest(queries: np.ndarray, database: np.ndarray, weights: np.n
         (n_entries, n_λ) database profiles.
     weights
         (n_λ,) or (n, n_λ) non-negative weights.
+    chunk_size
+        Queries per dense block.
 
     Returns
     -------
@@ -90,14 +96,22 @@ def brute_force_nearest(queries: np.ndarray, database: np.ndarray, weights: np.n
         near = full <= full.amin(1, keepdim=True) + 1e-9 * scale[:, None]
         pix, ent = torch.nonzero(near, as_tuple=True)
         exact = (((qq[pix] - d[ent]) ** 2) * ww[pix]).sum(1)
-        best = torch.full((len(qq),), float("inf"), dtype=torch.float64).scatter_reduce(
-            0, pix, exact, reduce="amin")
-        win = exact == best[pix]
-        idx = torch.full((len(qq),), d.shape[0], dtype=torch.int64).scatter_reduce(
-            0, pix[win], ent[win], reduce="amin")
+        best, idx = _best_of_pairs(len(qq), pix, ent, exact)
         index[start:start + step] = idx.numpy()
         dist[start:start + step] = best.numpy()
     return index, dist
+
+
+def _best_of_pairs(n: int, pix: torch.Tensor, ent: torch.Tensor, dist: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel the smallest ``dist`` over its (pixel, entry) pairs; ties → smallest entry."""
+    best = torch.full((n,), float("inf"), dtype=dist.dtype, device=dist.device)
+    best = best.scatter_reduce(0, pix, dist, reduce="amin")
+    win = dist == best[pix]
+    big = torch.iinfo(torch.int64).max
+    idx = torch.full((n,), big, dtype=torch.int64, device=dist.device)
+    idx = idx.scatter_reduce(0, pix[win], ent[win], reduce="amin")
+    return best, idx
 
 
 class NearestProfileSearch:
@@ -112,22 +126,25 @@ class NearestProfileSearch:
     n_components
         Size of the projection basis; default: the smallest number of principal
         directions leaving at most 10⁻⁵ of the database's weighted variance in
-        the residual (between 4 and 48).
-    n_groups
-        Entry groups of the coarse bound (default ≈ √n_entries, at most 256).
+        the residual (between 4 and 24: the tree works best in few dimensions).
+    n_candidates
+        Entries of smallest bound fetched per pixel by the first tree query.
     block_size
-        Pixels per dense block (memory ≈ block_size × entries × 5 bytes at worst).
+        Pixels per block (memory ≈ block_size × n_λ × 40 bytes per thread).
     device
-        torch device of the bound computation.
+        torch device of the exact float64 distances (the tree runs on the CPU).
+    max_basis_rows
+        Entries (a random subset) used to estimate the principal directions;
+        the basis only affects speed, never the result.
     random_state
-        Seed of the grouping (the result does not depend on it).
+        Seed of that subset.
 
     Attributes
     ----------
-    n_components_, n_groups_ : int
+    n_components_ : int
     stats_ : dict
-        ``candidates`` (exactly evaluated pairs), ``bound_pairs`` (pairs whose
-        ``LB`` was computed) and ``pixels`` of the queries so far.
+        ``pixels`` queried so far, ``candidates`` (exactly evaluated pairs) and
+        ``fallback`` (pixels that needed the radius query).
 
     Example
     -------
@@ -137,9 +154,11 @@ class NearestProfileSearch:
     """
 
     def __init__(self, database: np.ndarray, weights: np.ndarray, *,
-                 n_components: int | None = None, n_groups: int | None = None,
-                 block_size: int = 4096, device: str | torch.device = "cpu",
-                 random_state: int = 0) -> None:
+                 n_components: int | None = None, n_candidates: int = 6,
+                 block_size: int = 1024, device: str | torch.device = "cpu",
+                 max_basis_rows: int = 4096, random_state: int = 0) -> None:
+        from scipy.spatial import cKDTree
+
         db = np.asarray(database, dtype=np.float64)
         w = np.asarray(weights, dtype=np.float64)
         if db.ndim != 2 or w.shape != (db.shape[1],):
@@ -149,67 +168,83 @@ class NearestProfileSearch:
         if (w < 0).any() or not np.isfinite(w).all() or not (w > 0).any():
             raise ValueError("weights must be finite, non-negative and not all zero")
         self.device = torch.device(device)
-        self.block_size = int(block_size)
+        self.block_size = max(1, int(block_size))
+        n = len(db)
         keep = w > 0
         self._keep = keep
         self._scale = np.sqrt(w[keep])
-        scaled = db[:, keep] * self._scale
+        scaled = (db if keep.all() else np.compress(keep, db, axis=1)) * self._scale
         self._mean = scaled.mean(0)
+        self._all_kept = bool(keep.all())
+        self._scale_t = torch.as_tensor(self._scale)
+        self._neg_mean_t = torch.as_tensor(-self._mean)
         centred = scaled - self._mean
-        # principal directions from the (n_λ × n_λ) scatter matrix: orthonormal in float64
-        evals, evecs = np.linalg.eigh(centred.T @ centred)
+        rows = centred
+        if n > max_basis_rows:
+            pick = np.random.default_rng(random_state).choice(n, max_basis_rows, replace=False)
+            rows = centred[np.sort(pick)]
+        # principal directions from the (n_λ × n_λ) scatter matrix (torch product;
+        # LAPACK on one thread: its BLAS threads would fight torch's); eigh returns an
+        # orthonormal basis (to float64 rounding) whatever the subset
+        from scipy.linalg import eigh
+        from threadpoolctl import threadpool_limits
+
+        rows_t = torch.as_tensor(rows)
+        scatter = (rows_t.T @ rows_t).numpy()
+        dim = scatter.shape[0]
+        top = min(dim, _MAX_COMPONENTS if n_components is None else int(max(1, n_components)))
+        with threadpool_limits(1, user_api="blas"):
+            evals, evecs = eigh(scatter, subset_by_index=[dim - top, dim - 1], driver="evr")
         evals, evecs = np.clip(evals[::-1], 0.0, None), evecs[:, ::-1]
         if n_components is None:
-            left = 1.0 - np.cumsum(evals) / max(evals.sum(), 1e-300)
+            left = 1.0 - np.cumsum(evals) / max(float(np.trace(scatter)), 1e-300)
             n_components = int(np.searchsorted(-left, -1e-5) + 1)
-            n_components = int(min(max(n_components, 4), 48))
-        self.n_components_ = int(min(n_components, evecs.shape[1]))
+            n_components = int(min(max(n_components, 4), _MAX_COMPONENTS))
+        self.n_components_ = int(max(1, min(n_components, evecs.shape[1])))
         self._basis = np.ascontiguousarray(evecs[:, : self.n_components_])
-        aug = self._augment(centred)
-        n = len(db)
-        if n_groups is None:
-            n_groups = int(min(256, max(1, round(np.sqrt(n)))))
-        n_groups = int(max(1, min(n_groups, n)))
-        if n_groups > 1:
-            from sklearn.cluster import KMeans
+        self._basis_t = torch.as_tensor(self._basis)
+        self._tree = cKDTree(self._augment(centred), leafsize=16, balanced_tree=False)
+        self.n_candidates = int(max(1, min(n_candidates, n)))
+        self._n_entries = n
+        self._db = torch.as_tensor(db, device=self.device)
+        self._w = torch.as_tensor(w, device=self.device)
+        self.stats_: dict[str, int] = {"pixels": 0, "candidates": 0, "fallback": 0}
 
-            labels = KMeans(n_clusters=n_groups, n_init=1, max_iter=20,
-                            random_state=random_state).fit(aug).labels_
-        else:
-            labels = np.zeros(n, dtype=np.int64)
-        present = np.unique(labels)
-        self.n_groups_ = len(present)
-        self._members = [np.flatnonzero(labels == g) for g in present]
-        self._centres = np.stack([aug[m].mean(0) for m in self._members])
-        self._radius = np.array([np.sqrt(((aug[m] - c) ** 2).sum(1)).max()
-                                 for m, c in zip(self._members, self._centres, strict=True)])
-        self._group_of = np.empty(n, dtype=np.int64)
-        for g, m in enumerate(self._members):
-            self._group_of[m] = g
-        nb = (aug**2).sum(1)
-        self._db_norm_max = float(nb.max())
-        ext = np.concatenate([-2.0 * aug, np.ones((n, 1)), nb[:, None]], axis=1)
-        self._db_ext = torch.as_tensor(ext, dtype=torch.float32, device=self.device)
-        self._db64 = torch.as_tensor(scaled, device=self.device)
-        self._db_max_norm = float((scaled**2).sum(1).max())
-        self.stats_: dict[str, int] = {"candidates": 0, "bound_pairs": 0, "pixels": 0}
+    def _augment(self, centred: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``[a, ‖r‖]`` for centred scaled profiles (float64).
 
-    def _augment(self, centred: np.ndarray) -> np.ndarray:
-        coef = centred @ self._basis
-        # ‖r‖² = ‖x‖² − ‖a‖² (float64; its rounding, ~1e-16 ‖x‖², is far inside the slack)
-        r2 = np.einsum("ij,ij->i", centred, centred) - np.einsum("ij,ij->i", coef, coef)
-        return np.concatenate([coef, np.sqrt(np.clip(r2, 0.0, None))[:, None]], axis=1)
+        ``‖r‖² = ‖x‖² − ‖a‖²`` where the residual holds at least 10⁻⁶ of ``‖x‖²``
+        (relative error of ``‖r‖`` ≤ 10⁻⁹ there); the residual vector itself elsewhere.
+        """
+        x = torch.as_tensor(centred, dtype=torch.float64)
+        basis = self._basis_t
+        coef = x @ basis
+        x2 = torch.linalg.vector_norm(x, dim=1) ** 2
+        r2 = x2 - torch.linalg.vector_norm(coef, dim=1) ** 2
+        small = torch.nonzero(r2 < 1e-6 * x2).ravel()
+        if len(small):
+            xs = x[small]
+            r2[small] = torch.linalg.vector_norm(xs - (xs @ basis) @ basis.T, dim=1) ** 2
+        return torch.cat([coef, r2.clamp_(min=0.0).sqrt_()[:, None]], dim=1).numpy()
 
-    def query(self, profiles: np.ndarray, *, chunk_size: int = 65536
-              ) -> tuple[np.ndarray, np.ndarray]:
+    def _exact(self, q: torch.Tensor, pix: np.ndarray | None, ent: np.ndarray) -> np.ndarray:
+        """``Σ w (q - d)²`` for (pixel, entry) pairs (``pix=None``: pixel i with ``ent[i]``)."""
+        diff = self._db.index_select(0, torch.as_tensor(ent, device=self.device))
+        diff -= q if pix is None else q.index_select(0, torch.as_tensor(pix, device=self.device))
+        return (diff.square_() @ self._w).cpu().numpy()
+
+    def query(self, profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Best database index and weighted distance ``Σ w (o - d)²`` for each profile.
+
+        Blocks of ``block_size`` pixels run in ``torch.get_num_threads()`` Python
+        threads, each with single-threaded torch kernels and tree queries (small
+        kernels on shared cores lose more to thread synchronisation than they gain).
 
         Parameters
         ----------
         profiles
-            (n, n_λ) finite observed profiles on the database grid.
-        chunk_size
-            Pixels prepared at a time (float64 copies of that many profiles).
+            (n, n_λ) finite observed profiles on the database grid (float32 or
+            float64; the distances are float64 either way).
 
         Returns
         -------
@@ -219,95 +254,78 @@ class NearestProfileSearch:
         q = np.asarray(profiles)
         if q.ndim != 2 or q.shape[1] != self._keep.size:
             raise ValueError(f"profiles must be (n, {self._keep.size}), got {q.shape}")
-        index = np.empty(len(q), dtype=np.int64)
-        dist = np.empty(len(q), dtype=np.float64)
-        for start in range(0, len(q), chunk_size):
-            sl = slice(start, start + chunk_size)
-            index[sl], dist[sl] = self._query_chunk(np.asarray(q[sl], dtype=np.float64))
-        return index, dist
-
-    def _bound(self, a_ext: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
-        b = self._db_ext if cols is None else self._db_ext[cols]
-        return a_ext @ b.T
-
-    def _query_chunk(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dev = self.device
-        scaled = q[:, self._keep] * self._scale
-        aug = self._augment(scaled - self._mean)
-        na = (aug**2).sum(1)
+        if q.dtype not in (np.float32, np.float64):
+            q = q.astype(np.float64)
         n = len(q)
-        a_ext = torch.as_tensor(np.concatenate([aug, na[:, None], np.ones((n, 1))], axis=1),
-                                dtype=torch.float32, device=dev)
-        q64 = torch.as_tensor(scaled, device=dev)
-        slack = 8.0 * (self.n_components_ + 3) * _EPS32 * (na + self._db_norm_max)
-        # distance of every pixel to every group centre (float64, small)
-        cen = self._centres
-        d2 = na[:, None] + (cen**2).sum(1)[None] - 2.0 * aug @ cen.T
-        dist_c = np.sqrt(np.clip(d2, 0.0, None))
-        nearest = np.argmin(dist_c, axis=1)
-        # pixels sorted by nearest group once, so every block is a contiguous slice
-        order = np.argsort(nearest, kind="stable")
-        order_t = torch.as_tensor(order, device=dev)
-        a_ext, q64 = a_ext[order_t], q64[order_t]
-        dist_c, slack = dist_c[order], slack[order]
-        bounds = np.searchsorted(nearest[order], np.arange(self.n_groups_ + 1))
-        best_d = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)
-        best_i = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        for g in range(self.n_groups_):
-            for s in range(bounds[g], bounds[g + 1], self.block_size):
-                pix = slice(s, min(s + self.block_size, bounds[g + 1]))
-                self._solve_block(pix, g, a_ext, q64, dist_c, slack, best_d, best_i)
-        self.stats_["pixels"] += n
         index = np.empty(n, dtype=np.int64)
         dist = np.empty(n, dtype=np.float64)
-        index[order] = best_i.cpu().numpy()
-        dist[order] = best_d.cpu().numpy()
+        blocks = [slice(s, min(s + self.block_size, n)) for s in range(0, n, self.block_size)]
+        threads = torch.get_num_threads() if self.device.type == "cpu" else 1
+        if threads <= 1 or len(blocks) <= 1:
+            results = [self._query_block(q[sl], threads) for sl in blocks]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(threads) as pool:
+                    results = list(pool.map(lambda sl: self._query_block(q[sl], 1), blocks))
+            finally:
+                torch.set_num_threads(threads)
+        for sl, (idx, best, stats) in zip(blocks, results, strict=True):
+            index[sl], dist[sl] = idx, best
+            for key, value in stats.items():
+                self.stats_[key] += value
         return index, dist
 
-    def _solve_block(self, pix: slice, g: int, a_ext: torch.Tensor, q64: torch.Tensor,
-                     dist_c: np.ndarray, slack: np.ndarray, best_d: torch.Tensor,
-                     best_i: torch.Tensor) -> None:
+    def _query_block(self, q: np.ndarray, workers: int
+                     ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
         dev = self.device
-        a = a_ext[pix]
-        qp = q64[pix]
-        m = len(qp)
-        # upper bound: exact distance of the best-LB member of the pixel's nearest group
-        own = torch.as_tensor(self._members[g], device=dev)
-        first = own[torch.argmin(self._bound(a, own), dim=1)]
-        upper = ((qp - self._db64[first]) ** 2).sum(1)
-        # groups that may hold a better entry
-        sl = slack[pix]
-        up = upper.cpu().numpy()
-        gap = np.clip(dist_c[pix] - self._radius[None], 0.0, None) ** 2
-        alive = gap <= (up + sl)[:, None]
-        groups = np.flatnonzero(alive.any(0))
-        cols = torch.as_tensor(np.concatenate([self._members[h] for h in groups]), device=dev)
-        lb = self._bound(a, cols)
-        thr = torch.as_tensor((up + sl).astype(np.float32), device=dev)
-        p_loc, c_loc = torch.nonzero(lb <= thr[:, None], as_tuple=True)
-        del lb
-        ent = cols[c_loc]
-        self.stats_["bound_pairs"] += m * (len(cols) + len(own))
-        self.stats_["candidates"] += int(p_loc.numel())
-        # candidates (the pixel's `first` is always one: LB ≤ exact distance = U)
-        # in one dense float64 product against their union, then the near-ties
-        # (1e-9 relative, far above float64 rounding) by explicit differences
-        uniq, inv = torch.unique(ent, return_inverse=True)
-        dbu = self._db64[uniq]
-        qn = (qp**2).sum(1)
-        full = qn[:, None] + (dbu**2).sum(1)[None] - 2.0 * qp @ dbu.T
-        cand = torch.full_like(full, float("inf"))
-        cand[p_loc, inv] = full[p_loc, inv]
-        lowest = cand.amin(1)
-        near = cand <= (lowest + 1e-9 * (qn + self._db_max_norm))[:, None]
-        p_n, u_n = torch.nonzero(near, as_tuple=True)
-        e_n = uniq[u_n]
-        exact = ((qp[p_n] - self._db64[e_n]) ** 2).sum(1)
-        best = torch.full((m,), float("inf"), dtype=torch.float64, device=dev).scatter_reduce(
-            0, p_n, exact, reduce="amin")
-        win = exact == best[p_n]
-        big = torch.iinfo(torch.int64).max
-        idx = torch.full((m,), big, dtype=torch.int64, device=dev).scatter_reduce(
-            0, p_n[win], e_n[win], reduce="amin")
-        best_d[pix] = best
-        best_i[pix] = idx
+        n, k = len(q), self.n_candidates
+        qt = torch.as_tensor(q, device=dev, dtype=torch.float64)
+        x = torch.as_tensor(q, dtype=torch.float64)
+        if not self._all_kept:
+            x = x[:, torch.as_tensor(self._keep)]
+        aug = self._augment(torch.addcmul(self._neg_mean_t, x, self._scale_t))
+        del x
+        root, cand = self._tree.query(aug, k=k, workers=workers)
+        lb = np.asarray(root, dtype=np.float64).reshape(n, k) ** 2
+        cand = np.asarray(cand, dtype=np.int64).reshape(n, k)
+        # exact distance of the smallest-bound entry: an upper bound U on the best
+        first = self._exact(qt, None, cand[:, 0])
+        upper = first.copy()
+        norm = np.sqrt((aug**2).sum(1))
+
+        def slack(u: np.ndarray) -> np.ndarray:
+            return _SLACK * (2.0 * norm + np.sqrt(np.clip(u, 0.0, None))) ** 2
+
+        # the other fetched entries whose bound does not exceed U (+ slack)
+        p_more, j_more = np.nonzero(lb[:, 1:] <= (upper + slack(upper))[:, None])
+        e_more = cand[p_more, j_more + 1]
+        pix, ent, dist = [np.arange(n), p_more], [cand[:, 0], e_more], [first]
+        if len(p_more):
+            d_more = self._exact(qt, p_more, e_more)
+            dist.append(d_more)
+            np.minimum.at(upper, p_more, d_more)
+        # pixels whose K-th bound does not exceed U: fetch every entry with LB ≤ U
+        fallback = 0
+        if k < self._n_entries:
+            thr = upper + slack(upper)
+            rest = np.flatnonzero(lb[:, -1] <= thr)
+            fallback = len(rest)
+            if fallback:
+                found = self._tree.query_ball_point(aug[rest], np.sqrt(thr[rest]),
+                                                    workers=workers, return_sorted=False)
+                sizes = np.fromiter((len(f) for f in found), dtype=np.int64, count=fallback)
+                p_all = np.repeat(rest, sizes)
+                e_all = np.fromiter((e for f in found for e in f), dtype=np.int64,
+                                    count=int(sizes.sum()))
+                pix.append(p_all)
+                ent.append(e_all)
+                dist.append(self._exact(qt, p_all, e_all))
+        pix_t = torch.as_tensor(np.concatenate(pix), device=dev)
+        ent_t = torch.as_tensor(np.concatenate(ent), device=dev)
+        dist_t = torch.as_tensor(np.concatenate(dist), device=dev)
+        best, idx = _best_of_pairs(n, pix_t, ent_t, dist_t)
+        stats = {"pixels": n, "candidates": len(pix_t), "fallback": fallback}
+        return idx.cpu().numpy(), best.cpu().numpy(), stats
