@@ -75,6 +75,7 @@ from iris_lab.inversion.lm import (
     LevenbergMarquardt,
     _as_2d,
     _weighted_data,
+    batched_finite_jacobian,
 )
 
 CoupledForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -235,62 +236,6 @@ def coupled_covariance(blocks: NormalBlocks) -> tuple[torch.Tensor, torch.Tensor
     s_inv = torch.linalg.pinv(0.5 * (schur + schur.T), hermitian=True)
     extra = torch.einsum("pni,ij,pnj->pn", ainv_b, s_inv, ainv_b)
     return torch.diagonal(ainv, dim1=-2, dim2=-1) + extra, s_inv
-
-
-def batched_finite_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                            step: float = 1e-6, max_rows: int = 4096,
-                            scale: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model and forward-difference Jacobian of ``fn: (p, n) -> (p, m)`` in one batch.
-
-    The ``n`` perturbed copies of every pixel are stacked with the unperturbed
-    one along the pixel axis, so a Jacobian costs one call of ``fn`` on
-    ``(n + 1) p`` rows (in groups of at most ``max_rows``) instead of ``n + 1``
-    calls on ``p`` rows: much faster when a call has a large fixed cost (a
-    forward model that runs pixels together, like the LTE engine). Rows must
-    be independent (row ``i`` of the output depends on row ``i`` of ``x``).
-
-    Parameters
-    ----------
-    fn
-        Batched function.
-    x
-        Parameters ``(p, n)``.
-    step
-        Relative step: ``step · max(|x|, scale)``.
-    max_rows
-        Largest number of rows passed to ``fn`` at once (memory bound).
-    scale
-        Typical size ``(n,)`` of each parameter (e.g. the width of its
-        bounds; default 1), so that a parameter near zero in large units
-        (v_los in cm/s) still gets a step well above round-off.
-
-    Returns
-    -------
-    model, J
-        ``(p, m)`` and ``(p, m, n)``.
-
-    Example
-    -------
-    >>> import torch
-    >>> f, J = batched_finite_jacobian(lambda z: z ** 2,
-    ...                                torch.tensor([[1.0, 2.0]], dtype=torch.float64))
-    >>> [round(v, 4) for v in J[0].diagonal().tolist()]
-    [2.0, 4.0]
-    """
-    p, n = x.shape
-    with torch.no_grad():
-        floor = torch.ones(n, dtype=x.dtype, device=x.device) if scale is None else \
-            torch.as_tensor(scale, dtype=x.dtype, device=x.device)
-        h = step * torch.maximum(x.abs(), floor)                        # (p, n)
-        eye = torch.eye(n, dtype=x.dtype, device=x.device)
-        stacked = torch.cat([x[None], x[None] + h.T[:, :, None] * eye[:, None, :]])
-        rows = stacked.reshape((n + 1) * p, n)                          # column-major blocks
-        out = torch.cat([fn(rows[s:s + max_rows]) for s in range(0, rows.shape[0], max_rows)])
-        out = out.reshape(n + 1, p, -1)
-        model = out[0]
-        jac = (out[1:] - model[None]) / h.T[:, :, None]                 # (n, p, m)
-    return model, jac.permute(1, 2, 0)
 
 
 # ----------------------------------------------------------------------------- estimator

@@ -79,6 +79,62 @@ Forward = Callable[..., torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- Jacobians
+def batched_finite_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                            step: float = 1e-6, max_rows: int = 4096,
+                            scale: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model and forward-difference Jacobian of ``fn: (p, n) -> (p, m)`` in one batch.
+
+    The ``n`` perturbed copies of every pixel are stacked with the unperturbed
+    one along the pixel axis, so a Jacobian costs one call of ``fn`` on
+    ``(n + 1) p`` rows (in groups of at most ``max_rows``) instead of ``n + 1``
+    calls on ``p`` rows: much faster when a call has a large fixed cost (a
+    forward model that runs pixels together, like the LTE engine). Rows must
+    be independent (row ``i`` of the output depends on row ``i`` of ``x``).
+
+    Parameters
+    ----------
+    fn
+        Batched function.
+    x
+        Parameters ``(p, n)``.
+    step
+        Relative step: ``step · max(|x|, scale)``.
+    max_rows
+        Largest number of rows passed to ``fn`` at once (memory bound).
+    scale
+        Typical size ``(n,)`` of each parameter (e.g. the width of its
+        bounds; default 1), so that a parameter near zero in large units
+        (v_los in cm/s) still gets a step well above round-off.
+
+    Returns
+    -------
+    model, J
+        ``(p, m)`` and ``(p, m, n)``.
+
+    Example
+    -------
+    >>> import torch
+    >>> f, J = batched_finite_jacobian(lambda z: z ** 2,
+    ...                                torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+    >>> [round(v, 4) for v in J[0].diagonal().tolist()]
+    [2.0, 4.0]
+    """
+    p, n = x.shape
+    with torch.no_grad():
+        floor = torch.ones(n, dtype=x.dtype, device=x.device) if scale is None else \
+            torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+        h = step * torch.maximum(x.abs(), floor)                        # (p, n)
+        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        stacked = torch.cat([x[None], x[None] + h.T[:, :, None] * eye[:, None, :]])
+        rows = stacked.reshape((n + 1) * p, n)                          # column-major blocks
+        out = torch.cat([fn(rows[s:s + max_rows]) for s in range(0, rows.shape[0], max_rows)])
+        out = out.reshape(n + 1, p, -1)
+        model = out[0]
+        jac = (out[1:] - model[None]) / h.T[:, :, None]                 # (n, p, m)
+    return model, jac.permute(1, 2, 0)
+
+
 def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
              method: str = "jvp", step: float = 1e-6, scale: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +154,8 @@ def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         ``"jvp"`` (forward-mode AD, one pass per column), ``"vmap"`` (forward
         mode for all columns in one vectorised pass; ``fn`` must be
         ``vmap``-compatible) or ``"finite"`` (forward differences with
-        relative step ``step``).
+        relative step ``step``, all columns in one batched call:
+        :func:`batched_finite_jacobian`).
     step
         Relative step of the finite differences: ``step × max(|x|, scale)``.
     scale
@@ -138,16 +195,7 @@ def jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         cols = torch.func.vmap(lambda t: torch.func.jvp(fn, (x,), (t,))[1])(basis)
         return f, cols.permute(1, 2, 0)
     if method == "finite":
-        with torch.no_grad():
-            f = fn(x)
-            cols = []
-            for j in range(n):
-                floor = 1.0 if scale is None else float(scale[j])
-                h = step * torch.clamp(x[:, j].abs(), min=floor)
-                xp = x.clone()
-                xp[:, j] = xp[:, j] + h
-                cols.append((fn(xp) - f) / h[:, None])
-        return f, torch.stack(cols, dim=-1)
+        return batched_finite_jacobian(fn, x, step=step, scale=scale)
     raise ValueError(f"unknown Jacobian method {method!r}: use 'jvp', 'vmap' or 'finite'")
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from iris_lab.widgets.pixel import ClickSelect, clip_pixel
+from iris_lab.widgets.pixel import ClickSelect, clip_pixel, map_view
 
 #: Colours of the truth and of the modes in every panel.
 COLOURS: dict[str, str] = {"truth": "k", "1": "C0", "2": "C1", "3": "C3", "averaged": "C2",
@@ -376,17 +376,7 @@ class CoupledExplorer(ClickSelect):
             ax.set_yticks([])
             (marker,) = ax.plot([0], [0], "+", color="cyan", ms=12, mew=2)
             self._markers.append(marker)
-        canvas = self.map_fig.canvas
-        self.interactive = type(canvas).__module__.startswith("ipympl")
-        if self.interactive:
-            canvas.header_visible = False
-            canvas.toolbar_visible = False
-            canvas.footer_visible = False
-            canvas.resizable = False
-            canvas.mpl_connect("button_press_event", self._on_click)
-            self.map_view = canvas
-        else:
-            self.map_view = widgets.Image(format="png")
+        self.map_view, self.interactive = map_view(self.map_fig, self._on_click)
         self.widget = widgets.VBox([self.map_view, self.readout, self.detail])
         self.select(*self.selected)
 

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from iris_lab.widgets.pixel import map_view
+
 #: Vacuum wavelength of the Mg II k2v peak used for the intensity map [Å].
 K2V_VACUUM = 2796.20
 
@@ -122,17 +124,7 @@ class IRIS2Explorer:
         self._images: dict[str, Any] = {}
         self._markers = []
         self._draw_maps()
-        canvas = self.map_fig.canvas
-        self.interactive = type(canvas).__module__.startswith("ipympl")
-        if self.interactive:
-            canvas.header_visible = False
-            canvas.toolbar_visible = False
-            canvas.footer_visible = False
-            canvas.resizable = False
-            canvas.mpl_connect("button_press_event", self._on_click)
-            self.map_view = canvas
-        else:
-            self.map_view = widgets.Image(format="png")
+        self.map_view, self.interactive = map_view(self.map_fig, self._on_click)
         self.slider.observe(lambda change: self.set_log_tau(change["new"]), names="value")
         self.widget = widgets.VBox([self.slider, self.map_view, self.readout, self.detail])
         self.select(*self.selected)
