@@ -66,7 +66,10 @@ def _weights(step: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Integration weights of one interval of optical thickness ``step``.
 
     Returns ``(exp(-Δ), ψ₀, ψ_u, w₀, w_c, w_u)``: linear weights at the current
-    (s = 0) and upwind (s = 1) points and quadratic-Bézier weights.
+    (s = 0) and upwind (s = 1) points and quadratic-Bézier weights. Below
+    Δ = 0.05 the closed forms lose digits to cancellation and the Taylor
+    series are used; they are evaluated only on the range of depth intervals
+    that holds such steps (outside torch.func transforms).
     """
     small = step < _SMALL_STEP
     d = torch.where(small, torch.ones_like(step), step)
@@ -75,18 +78,36 @@ def _weights(step: torch.Tensor) -> tuple[torch.Tensor, ...]:
     e0 = 1.0 - ed
     e1 = 1.0 - ed * (1.0 + d)
     e2 = 2.0 - ed * (d * d + 2.0 * d + 2.0)
+    inv = 1.0 / d
+    e1d, e2d2 = e1 * inv, e2 * inv * inv
     exact = (
-        e0 - e1 / d,                        # ψ₀: ∫ e^{-t} (1 - t/Δ)
-        e1 / d,                             # ψ_u: ∫ e^{-t} t/Δ
-        e0 - 2.0 * e1 / d + e2 / d**2,      # w₀: (1 - s)²
-        2.0 * (e1 / d - e2 / d**2),         # w_c: 2 s (1 - s)
-        e2 / d**2,                          # w_u: s²
+        e0 - e1d,                           # ψ₀: ∫ e^{-t} (1 - t/Δ)
+        e1d,                                # ψ_u: ∫ e^{-t} t/Δ
+        e0 - 2.0 * e1d + e2d2,              # w₀: (1 - s)²
+        2.0 * (e1d - e2d2),                 # w_c: 2 s (1 - s)
+        e2d2,                               # w_u: s²
     )
-    series = (
-        _series((0, 1), step), _series((1, 0), step), _series((0, 2), step),
-        2.0 * _series((1, 1), step), _series((2, 0), step),
-    )
-    return (e, *(torch.where(small, s, x) for s, x in zip(series, exact, strict=True)))
+    keys = ((0, 1), (1, 0), (0, 2), (1, 1), (2, 0))
+    factors = (1.0, 1.0, 1.0, 2.0, 1.0)
+    try:
+        rows = small.reshape(-1, small.shape[-1]).any(0).nonzero()
+    except RuntimeError:                 # inside vmap: evaluate everywhere
+        rows = None
+    if rows is not None and rows.numel() == 0:
+        return (e, *exact)
+    if rows is None:
+        lo, hi = 0, step.shape[-1]
+    else:
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+    part = step[..., lo:hi]
+    small_part = small[..., lo:hi]
+    out = []
+    for x, key, factor in zip(exact, keys, factors, strict=True):
+        series = factor * _series(key, part)
+        middle = torch.where(small_part, series, x[..., lo:hi])
+        out.append(torch.cat([x[..., :lo], middle, x[..., hi:]], dim=-1)
+                   if (lo, hi) != (0, step.shape[-1]) else middle)
+    return (e, *out)
 
 
 def apply_kprime(ratios: Sequence[torch.Tensor], stokes: torch.Tensor) -> torch.Tensor:
