@@ -54,6 +54,46 @@ def test_pruned_search_equals_brute_force(db, noisy):
     assert search.stats_["candidates"] < 20 * len(noisy)
 
 
+def test_search_float32_input_zero_weights_and_radius_fallback(db, noisy):
+    w = np.ones(db.sizes["wavelength"])
+    w[200:230] = 0.0   # samples outside the chi2 (outside the projection space)
+    w[100:160] = 3.0
+    ref_idx, ref_dist = brute_force_nearest(noisy, db.profile.values, w)
+    # float32 profiles: the distances are float64 of the float32 values
+    ref32 = brute_force_nearest(noisy.astype(np.float32), db.profile.values, w)
+    search = NearestProfileSearch(db.profile.values, w, block_size=64)
+    idx32, dist32 = search.query(noisy.astype(np.float32))
+    np.testing.assert_array_equal(idx32, ref32[0])
+    np.testing.assert_allclose(dist32, ref32[1], rtol=1e-12)
+    # one tree candidate: every pixel takes the radius-query path
+    one = NearestProfileSearch(db.profile.values, w, n_candidates=1, n_components=6)
+    idx, dist = one.query(noisy)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-12)
+    assert one.stats_["fallback"] == len(noisy)
+
+
+def test_search_ties_beyond_the_tree_candidates(db):
+    prof = db.profile.values[:40].astype(np.float64)
+    # entry 7 repeated 9 times (more copies than tree candidates) among the others
+    dup = np.concatenate([prof[:20], np.repeat(prof[7:8], 9, axis=0), prof[20:]])
+    obs = np.concatenate([prof[7:8], prof[7:8] * 1.001, prof[30:35]])
+    w = np.ones(prof.shape[1])
+    search = NearestProfileSearch(dup, w, n_candidates=4)
+    idx, dist = search.query(obs)
+    ref_idx, ref_dist = brute_force_nearest(obs, dup, w)
+    np.testing.assert_array_equal(idx, ref_idx)
+    assert idx[0] == 7 and idx[1] == 7 and dist[0] == 0.0
+    assert search.stats_["fallback"] >= 2
+
+
+def test_predict_leaves_the_raster_untouched(model, db, noisy):
+    raster = _raster(noisy.copy(), db.wavelength.values)
+    before = raster.values.copy()
+    model.predict(raster)
+    np.testing.assert_array_equal(raster.values, before)
+
+
 def test_search_ties_resolve_to_smallest_index_like_argmin(db):
     prof = db.profile.values[:50]
     dup = np.concatenate([prof, prof[::-1]])

@@ -95,3 +95,34 @@ def test_rp_path_maps_database_matches_to_pixels(families):
     np.testing.assert_array_equal(res["rp_index"].values, rp.labels_.values)
     np.testing.assert_array_equal(res["temperature"].values,
                                   db.temperature.values[chosen[truth]])
+
+
+def test_reduced_space_kmeans_matches_full_space_on_separated_families(families):
+    from sklearn.metrics import adjusted_rand_score
+
+    db, chosen, truth, raster = families
+    ours = RepresentativeProfiles(n_profiles=5, random_state=1, init_rows=100).fit(raster)
+    full = RepresentativeProfiles(n_profiles=5, random_state=1, variance=None,
+                                  init_rows=None, max_iter=100).fit(raster)
+    assert ours.n_dims_ < raster.sizes["wavelength"] and full.n_dims_ == 473
+    assert adjusted_rand_score(full.labels_.values.ravel(), ours.labels_.values.ravel()) == 1.0
+    np.testing.assert_allclose(ours.inertia_, full.inertia_, rtol=1e-9)
+    # full-space Lloyd refinement reaches a fixed point: labels = nearest centre
+    refined = RepresentativeProfiles(n_profiles=5, random_state=1, refine_iter=5).fit(raster)
+    np.testing.assert_array_equal(refined.predict(raster).values, refined.labels_.values)
+    assert refined.n_refine_ >= 1
+
+
+def test_nearest_centre_is_exact_with_ties():
+    from iris_lab.methods.rp import _nearest
+    from iris_lab.methods.search import brute_force_nearest
+
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(12, 473)) * 10 + 100
+    centres[5] = centres[2]                       # duplicate centre: tie → lower index
+    data = (centres[rng.integers(0, 12, 500)] + rng.normal(size=(500, 473))).astype(np.float32)
+    data[:3] = centres[[2, 5, 7]]                 # exactly on centres
+    got = _nearest(data, centres)
+    ref = brute_force_nearest(data.astype(np.float64), centres, np.ones(473))[0]
+    np.testing.assert_array_equal(got, ref)
+    assert got[0] == 2 and got[1] == 2 and (got != 5).all()

@@ -63,30 +63,26 @@ def _pca_basis(data: np.ndarray, variance: float, max_rows: int, seed: int
 def _nearest(data: np.ndarray, centres: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """Exact nearest centre (Euclidean, float64; ties → lowest index) of complete rows.
 
-    A float32 product ``‖c′‖² − 2 x′·c′`` of the rows and centres less the mean
-    centre ranks the centres; its rounding error is below
-    ``10⁻⁴ (‖x′‖ + ‖c′‖) ‖c′‖`` (n_λ-term float32 dot products: ≈ 2 n_λ 2⁻²⁴,
-    with margin), so the rows where another centre comes that close to the best
-    are re-ranked by explicit float64 differences.
+    A float64 product ``‖c‖² − 2 x·c`` ranks the centres; its rounding error is
+    below ``10⁻¹² ‖x‖ ‖c‖`` (n_λ-term float64 dot products: ≈ n_λ 2⁻⁵³, with a
+    20× margin), so only rows where another centre comes that close to the best
+    are re-ranked by explicit float64 differences. (A float32 ranking needs a
+    margin of ≈ 10⁻⁴ ‖x‖ ‖c‖, which flags most rows of high-contrast rasters.)
     """
     c64 = torch.as_tensor(centres, dtype=torch.float64)
-    mu = c64.mean(0)
-    c32 = (c64 - mu).to(torch.float32)
-    mu32 = mu.to(torch.float32)
-    cn = (c32.double() ** 2).sum(1).to(torch.float32)
-    cnorm = torch.linalg.vector_norm(c32, dim=1)
+    cn = (c64**2).sum(1)
+    cnorm = torch.linalg.vector_norm(c64, dim=1)
     out = np.empty(len(data), dtype=np.int64)
     for s in range(0, len(data), chunk):
-        x = torch.as_tensor(data[s:s + chunk], dtype=torch.float32) - mu32
-        d = cn[None] - 2.0 * (x @ c32.T)
-        err = 1e-4 * (torch.linalg.vector_norm(x, dim=1)[:, None] + cnorm[None]) * cnorm[None]
+        x = torch.as_tensor(data[s:s + chunk], dtype=torch.float64)
+        d = cn[None] - 2.0 * (x @ c64.T)
+        err = 1e-12 * torch.linalg.vector_norm(x, dim=1)[:, None] * cnorm[None]
         near = (d - err) <= (d + err).amin(1, keepdim=True)
         lab = torch.argmin(d, dim=1)
         ties = torch.nonzero(near.sum(1) > 1).ravel()
         if len(ties):
             pix, ent = torch.nonzero(near[ties], as_tuple=True)
-            x64 = torch.as_tensor(data[s:s + chunk][ties.numpy()], dtype=torch.float64)
-            exact = ((x64[pix] - c64[ent]) ** 2).sum(1)
+            exact = ((x[ties][pix] - c64[ent]) ** 2).sum(1)
             best = torch.full((len(ties),), float("inf"), dtype=torch.float64).scatter_reduce(
                 0, pix, exact, reduce="amin")
             win = exact == best[pix]

@@ -231,7 +231,9 @@ class NearestProfileSearch:
         """``Σ w (q - d)²`` for (pixel, entry) pairs (``pix=None``: pixel i with ``ent[i]``)."""
         diff = self._db.index_select(0, torch.as_tensor(ent, device=self.device))
         diff -= q if pix is None else q.index_select(0, torch.as_tensor(pix, device=self.device))
-        return (diff.square_() @ self._w).cpu().numpy()
+        # elementwise product and row sum (not a matrix-vector product, whose
+        # rounding may depend on the row's position): equal rows, equal sums
+        return (diff.square_() * self._w).sum(1).cpu().numpy()
 
     def query(self, profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Best database index and weighted distance ``Σ w (o - d)²`` for each profile.
