@@ -18,7 +18,7 @@ measured in the same run:
 * peak resident memory and the load average.
 
 Usage: ``python benchmarks/iris2_lookup.py [--threads 2] [--pixels 220000]
-[--entries 15000] [--check 2000] [--loop 100] [--kmeans-check 20000]
+[--entries 15000] [--check 2000] [--loop 100] [--kmeans-check 10000]
 [--device cpu] [--full-brute-force]``
 """
 
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=15_000)
     parser.add_argument("--check", type=int, default=2000, help="brute-force subset size")
     parser.add_argument("--loop", type=int, default=100, help="naive-loop subset size")
-    parser.add_argument("--kmeans-check", type=int, default=20000,
+    parser.add_argument("--kmeans-check", type=int, default=10000,
                         help="subset size of the full-space k-means comparison (0: skip)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kmeans", action=argparse.BooleanOptionalAction, default=True)
@@ -146,8 +146,9 @@ def main() -> None:
         rp = RepresentativeProfiles(n_profiles=60, random_state=0).fit(raster)
         t_km = time.perf_counter() - t0
         rows.append((f"k-means 60 RPs of {args.pixels:,} x 473 (fit + labels)", f"{t_km:.2f} s",
-                     f"PCA {rp.n_dims_} dims (99.9 % variance); {rp.n_iter_} Lloyd iterations "
-                     f"on all profiles after a 40,000-profile start; {rp.n_refine_} full-space"))
+                     f"PCA {rp.n_dims_} of 473 dims (99.9 % of the variance); k-means++ and "
+                     f"Lloyd on {rp.init_rows:,} profiles, then {rp.n_iter_} Lloyd iterations "
+                     "on all; float64 full-space means"))
         if args.kmeans_check:
             ks = rng.choice(args.pixels, size=min(args.kmeans_check, args.pixels),
                             replace=False)

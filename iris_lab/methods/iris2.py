@@ -410,10 +410,10 @@ class IRIS2:
     n_components
         Projection basis of the exact search (default: automatic).
     chunk_size
-        Pixels per dense block of the search (memory ≈ chunk_size × entries × 5
-        bytes at worst).
+        Pixels per block of the search (blocks run in ``torch.get_num_threads()``
+        threads; memory ≈ chunk_size × n_λ × 40 bytes per thread).
     device
-        torch device of the search.
+        torch device of the exact distances of the search (its tree runs on the CPU).
 
     Attributes
     ----------
