@@ -13,15 +13,17 @@ so the lower bound ``LB`` is the squared Euclidean distance between the
 augmented vectors ``ã = [a, ‖r_x‖]`` and ``b̃ = [b, ‖r_y‖]`` (``k + 1``
 dimensions instead of ``n_λ``; ``k`` ≈ 8–24).
 
-A k-d tree over the ``b̃`` (:class:`scipy.spatial.cKDTree`, queried with
-``torch.get_num_threads()`` workers) gives, for every pixel, the ``K`` entries of
-smallest ``LB`` (``n_candidates``, default 4). Their exact distances (float64,
-explicit differences, evaluated only while ``LB`` is below the best exact
-distance ``U`` found so far) give ``U``. If the ``K``-th smallest ``LB`` exceeds
-``U``, no other entry can be closer (its exact distance ≥ its ``LB`` > ``U``):
-the pixel is done. For the few others, every entry with ``LB ≤ U`` is fetched
-by a radius query and evaluated exactly. The result is the entry a brute-force
-search finds, ties resolved to the smallest index (as ``argmin``).
+A k-d tree over the ``b̃`` (:class:`scipy.spatial.cKDTree`) gives, for every
+pixel, the ``K`` entries of smallest ``LB`` (``n_candidates``, default 6).
+Their exact distances (float64, explicit differences, evaluated only while
+``LB`` is below the best exact distance ``U`` found so far) give ``U``. If the
+``K``-th smallest ``LB`` exceeds ``U``, no other entry can be closer (its
+exact distance ≥ its ``LB`` > ``U``): the pixel is done. For the few others,
+every entry with ``LB ≤ U`` is fetched by a radius query and evaluated
+exactly. The result is the entry a brute-force search finds, ties resolved to
+the smallest index (as ``argmin``). Pixel blocks run in
+``torch.get_num_threads()`` Python threads, each with single-threaded kernels
+and tree queries.
 
 Floating point: the bounds are float64; their rounding error (≤ 10⁻⁹ of
 ``(‖ã‖ + ‖b̃‖)²``: ``‖r‖² = ‖x‖² − ‖a‖²`` only where it keeps ≥ 10⁻⁶ of
