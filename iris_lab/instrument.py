@@ -309,10 +309,23 @@ def iris_intensity_to_dn(intensity: Any, exptime: float, *, wavelength: Any = No
 def iris_dn_to_intensity(dn_per_s: Any, *, wavelength: Any = None, effective_area: Any = None,
                          date: str | None = None) -> np.ndarray:
     """Specific intensity [erg s⁻¹ cm⁻² sr⁻¹ Å⁻¹] from a count rate [DN s⁻¹] (inverse of
-    :func:`iris_intensity_to_dn` per second)."""
+    :func:`iris_intensity_to_dn` per second); float32 input gives float32 output.
+
+    Example
+    -------
+    >>> wl = np.array([2796.2, 2803.5])
+    >>> dn = iris_intensity_to_dn(np.array([1e5, 1e5]), wavelength=wl, exptime=1.0)
+    >>> np.allclose(iris_dn_to_intensity(dn, wavelength=wl), 1e5)
+    True
+    >>> iris_dn_to_intensity(dn.astype(np.float32), wavelength=wl).dtype
+    dtype('float32')
+    """
     wl = _default_wavelength(dn_per_s, wavelength)
     rate = iris_dn_per_s_per_intensity(wl, effective_area=effective_area, date=date)
-    return np.asarray(dn_per_s, dtype=float) / rate
+    data = np.asarray(dn_per_s)
+    if data.dtype != np.float32:        # float32 rasters stay float32 (a full raster is GBs)
+        data = data.astype(float)
+    return data / np.asarray(rate, dtype=data.dtype)
 
 
 def iris_noise_sigma(dn: Any, *, photons_per_dn: float = IRIS_NUV_PHOTONS_PER_DN,

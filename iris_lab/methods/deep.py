@@ -227,7 +227,8 @@ class DeepIRIS2:
     progress
         Show a tqdm progress bar.
     predict_batch_size
-        Spectra per batch in :meth:`predict`.
+        Spectra per batch in :meth:`predict` (4096 keeps a batch's (n, λ)
+        arrays near the CPU cache: 16384 was 1.5× slower on 220,000 spectra).
     n_components
         Number of principal components of the standardised training profiles
         the networks see (None: all wavelengths).
@@ -264,7 +265,7 @@ class DeepIRIS2:
                  validation_fraction: float = 0.2, weight_decay: float = 0.0,
                  emulator_hidden: tuple[int, ...] = (96,), chi2_quantile: float = 0.995,
                  checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-                 predict_batch_size: int = 16384, n_components: int | None = 64,
+                 predict_batch_size: int = 4096, n_components: int | None = 64,
                  noise_exptime: float | None = 8.0) -> None:
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         self.dropout = dropout
@@ -713,14 +714,20 @@ class DeepIRIS2:
                 sl = slice(start, start + step)
                 intensity_t = torch.as_tensor(flat[sl], device=device).to(torch.float32)
                 finite = torch.isfinite(intensity_t)
-                masked_fraction = 1.0 - finite.to(torch.float32).mean(1)
-                peak = torch.where(finite, intensity_t, -torch.inf).amax(1)
-                x = (torch.log10(intensity_t.clamp_min(n["intensity_floor"]))
-                     - n["input_mean"]) / n["input_std"]
-                x = torch.where(finite, x, 0.0)  # masked sample → training mean
+                all_finite = bool(finite.all())
+                if all_finite:       # the usual case: fewer passes over (n, λ)
+                    masked_fraction = torch.zeros(intensity_t.shape[0], device=device)
+                    peak = intensity_t.amax(1)
+                else:
+                    masked_fraction = 1.0 - finite.to(torch.float32).mean(1)
+                    peak = torch.where(finite, intensity_t, -torch.inf).amax(1)
+                x = (intensity_t.clamp_min(n["intensity_floor"]).log10_()
+                     .sub_(n["input_mean"]).div_(n["input_std"]))
+                if not all_finite:
+                    x = torch.where(finite, x, 0.0)  # masked sample → training mean
                 far = (x.abs() > _OUT_OF_RANGE_Z).to(torch.float32).mean(1)
-                x = x.clamp(-_INPUT_CLIP, _INPUT_CLIP)
-                res = self._forward(x, None if bool(finite.all()) else finite)
+                x = x.clamp_(-_INPUT_CLIP, _INPUT_CLIP)
+                res = self._forward(x, None if all_finite else finite)
                 dead = masked_fraction > _MASKED_FRACTION
                 flags = (dead.to(torch.uint8)
                          | ((masked_fraction > 0) & ~dead).to(torch.uint8) * 8

@@ -316,7 +316,7 @@ def raster_on_grid(raster: xr.DataArray, wavelength: np.ndarray) -> np.ndarray:
     if units == "DN/s":
         from iris_lab.instrument import iris_dn_to_intensity
 
-        data = np.asarray(iris_dn_to_intensity(data, wavelength=wl), dtype=np.float64)
+        data = iris_dn_to_intensity(data, wavelength=wl)
     elif units.replace(" ", "") != INTENSITY_UNITS.replace(" ", ""):
         raise ValueError(f"raster units {units!r} not understood: expected 'DN/s' or "
                          f"{INTENSITY_UNITS!r} in attrs['units']")
