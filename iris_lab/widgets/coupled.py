@@ -31,12 +31,20 @@ Example
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 
-from iris_lab.widgets.pixel import ClickSelect, clip_pixel, map_view
+from iris_lab.widgets.pixel import (
+    ClickSelect,
+    clip_pixel,
+    map_view,
+    move_markers,
+    png_bytes,
+)
+from iris_lab.widgets.pixel import (
+    as_png as as_png,  # re-exported: notebook 03 imports it from here
+)
 
 #: Colours of the truth and of the modes in every panel.
 COLOURS: dict[str, str] = {"truth": "k", "1": "C0", "2": "C1", "3": "C3", "averaged": "C2",
@@ -45,32 +53,6 @@ COLOURS: dict[str, str] = {"truth": "k", "1": "C0", "2": "C1", "3": "C3", "avera
 MARKERS: dict[str, str] = {"2": "o", "3": "s", "averaged": "^", "start": "x"}
 _AGAINST = {"depth": ("line_depth", "line depth 1 − I/I$_c$ (mean spectrum)"),
             "blend": ("blend_separation", "distance to the nearest other line [mÅ]")}
-
-
-def png_bytes(fig: Any, dpi: int = 72) -> bytes:
-    """A matplotlib figure rendered to PNG bytes.
-
-    Example
-    -------
-    >>> from matplotlib.figure import Figure
-    >>> png_bytes(Figure(figsize=(1, 1)))[:4]
-    b'\\x89PNG'
-    """
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
-def as_png(fig: Any, dpi: int = 72) -> Any:
-    """An ``IPython.display.Image`` of a figure (works under any matplotlib backend).
-
-    Example
-    -------
-    >>> as_png(plot_log_gf_errors(ds))     # doctest: +SKIP
-    """
-    from IPython.display import Image
-
-    return Image(data=png_bytes(fig, dpi))
 
 
 def plot_overview(ds: Any, fig: Any = None) -> Any:
@@ -389,12 +371,7 @@ class CoupledExplorer(ClickSelect):
         """Select pixel ``(y, x)``: move the markers, update readout and detail image."""
         self.selected = clip_pixel(y, x, self.shape)
         y, x = self.selected
-        for marker in self._markers:
-            marker.set_data([x], [y])
-        if self.interactive:
-            self.map_fig.canvas.draw_idle()
-        else:
-            self.map_view.value = png_bytes(self.map_fig)
+        move_markers(self._markers, y, x, self.map_fig, self.map_view, self.interactive)
         ds = self.ds
         chi2 = " ".join(f"{m}: {float(ds['chi2_reduced'].sel(mode=m).values[y, x]):.3g}"
                         for m in self.modes if m in [str(v) for v in ds["mode"].values])

@@ -19,7 +19,8 @@ import numpy as np
 from iris_lab.methods.asymmetry import NAMES as ASYM_NAMES
 from iris_lab.methods.asymmetry import line_asymmetry
 from iris_lab.methods.inn import FlareINN, atmosphere_to_x
-from iris_lab.widgets.pixel import ClickSelect, clip_pixel
+from iris_lab.widgets.pixel import ClickSelect, clip_pixel, png_bytes
+from iris_lab.widgets.pixel import as_png as as_png  # re-exported for notebook 07
 
 _Q = (("n_e", "log$_{10}$ n$_e$ [cm$^{-3}$]"), ("temperature", "log$_{10}$ T [K]"),
       ("v_los", "sign(v) log$_{10}$(|v|/1 km s$^{-1}$ + 1)"))
@@ -116,22 +117,6 @@ def asymmetry_table(inn: FlareINN, observed: np.ndarray, round_trip: np.ndarray)
     head = "".join(f"<th>{k}</th>" for k in ("line", "profile", "λ0 [Å]", "σ [Å]", "λ0B [Å]",
                                               "λ0R [Å]", "δλ [Å]", "I_B/I_R"))
     return f"<table class='flare-asymmetry'><tr>{head}</tr>{''.join(rows)}</table>"
-
-
-def png_bytes(fig, dpi: int = 72) -> bytes:
-    """A matplotlib figure rendered to PNG bytes."""
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
-def as_png(fig, dpi: int = 72):
-    """An ``IPython.display.Image`` of a figure (works under any matplotlib backend)."""
-    from IPython.display import Image
-
-    return Image(data=png_bytes(fig, dpi))
 
 
 def plot_line_images(cube, fig=None):

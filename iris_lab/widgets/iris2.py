@@ -17,22 +17,15 @@ Example
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from iris_lab.widgets.pixel import map_view
+from iris_lab.widgets.pixel import map_view, move_markers, png_bytes
 
 #: Vacuum wavelength of the Mg II k2v peak used for the intensity map [Å].
 K2V_VACUUM = 2796.20
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=72)
-    return buf.getvalue()
 
 
 def map_axes_positions(n: int) -> list[tuple[float, float, float, float]]:
@@ -169,12 +162,7 @@ class IRIS2Explorer:
 
     def _refresh_maps(self) -> None:
         y, x = self.selected
-        for marker in self._markers:
-            marker.set_data([x], [y])
-        if self.interactive:
-            self.map_fig.canvas.draw_idle()
-        else:
-            self.map_view.value = _png(self.map_fig)
+        move_markers(self._markers, y, x, self.map_fig, self.map_view, self.interactive)
 
     def set_log_tau(self, k: int) -> None:
         """Show the maps at log τ index ``k``."""
@@ -248,4 +236,4 @@ class IRIS2Explorer:
             ax.axvline(lt[k], color="gray", lw=0.8)
             ax.set_xlabel("log τ₅₀₀")
             ax.set_title(title, fontsize=9)
-        self.detail.value = _png(fig)
+        self.detail.value = png_bytes(fig)

@@ -1,8 +1,9 @@
-"""Pixel selection shared by the map widgets."""
+"""What the map widgets share: pixel selection, the map view, markers, PNG rendering."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import io
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,3 +51,56 @@ def map_view(figure: Any, on_click: Callable[[Any], None]) -> tuple[Any, bool]:
     canvas.resizable = False
     canvas.mpl_connect("button_press_event", on_click)
     return canvas, True
+
+
+def png_bytes(fig: Any, dpi: int = 72) -> bytes:
+    """A matplotlib figure rendered to PNG bytes.
+
+    Example
+    -------
+    >>> from matplotlib.figure import Figure
+    >>> png_bytes(Figure(figsize=(1, 1)))[:4]
+    b'\\x89PNG'
+    """
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def as_png(fig: Any, dpi: int = 72) -> Any:
+    """An ``IPython.display.Image`` of a figure (works under any matplotlib backend).
+
+    Example
+    -------
+    >>> from matplotlib.figure import Figure
+    >>> type(as_png(Figure(figsize=(1, 1)))).__name__
+    'Image'
+    """
+    from IPython.display import Image
+
+    return Image(data=png_bytes(fig, dpi))
+
+
+def move_markers(markers: Sequence[Any], y: int, x: int, figure: Any, view: Any,
+                 interactive: bool) -> None:
+    """Put every marker on pixel ``(y, x)`` and show the map again: redraw the
+    ipympl canvas, or re-render the PNG of the ``view`` image widget.
+
+    Example
+    -------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt
+    >>> fig, ax = plt.subplots()
+    >>> (marker,) = ax.plot([0], [0], "+")
+    >>> view, clickable = map_view(fig, lambda event: None)
+    >>> move_markers([marker], 3, 5, fig, view, clickable)
+    >>> [float(v[0]) for v in marker.get_data()], bytes(view.value[:4])
+    ([5.0, 3.0], b'\\x89PNG')
+    """
+    for marker in markers:
+        marker.set_data([x], [y])
+    if interactive:
+        figure.canvas.draw_idle()
+    else:
+        view.value = png_bytes(figure)
