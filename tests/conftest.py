@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -155,6 +156,17 @@ class Lab:
         tracebacks = [t for t in errors.all_inner_texts() if "Traceback" in t or "Error" in t]
         if tracebacks:
             raise AssertionError(f"notebook raised in the browser: {tracebacks[0][:2000]}")
+
+    @staticmethod
+    def pixel_readout(page, *, last: bool = True) -> str:
+        """Text of the map widgets' readout label (``pixel y=.. x=..``)."""
+        labels = page.locator(".widget-label", has_text=re.compile(r"^pixel y="))
+        return (labels.last if last else labels.first).inner_text()
+
+    @staticmethod
+    def detail_image(page) -> str:
+        """``src`` of the last image in a widget box (the map widgets' detail panel)."""
+        return page.locator(".widget-vbox img").last.get_attribute("src")
 
     def screenshot(self, page, name: str) -> Path:
         """Save a PNG of the page under the test's tmp folder."""

@@ -20,14 +20,6 @@ NOTEBOOK = "notebooks/03_coupled_loggf.ipynb"
 START = "pixel y=0 x=2"          # the notebook selects the lower-right pixel of the 3 x 3 map
 
 
-def _readout(page) -> str:
-    return page.locator(".widget-label", has_text=re.compile(r"^pixel y=")).last.inner_text()
-
-
-def _detail(page) -> str:
-    return page.locator(".widget-vbox img").last.get_attribute("src")
-
-
 def test_click_on_map_selects_pixel(lab):
     page = lab.open(NOTEBOOK)
     lab.run_all(page)
@@ -39,7 +31,7 @@ def test_click_on_map_selects_pixel(lab):
         "() => { const i = [...document.querySelectorAll('.widget-vbox img')];"
         " return i.length > 0 && !!i[i.length - 1].getAttribute('src'); }",
         timeout=60_000)
-    before_text, before_png = _readout(page), _detail(page)
+    before_text, before_png = lab.pixel_readout(page), lab.detail_image(page)
     lab.screenshot(page, "coupled_before")
 
     # first map (continuum) spans figure x 0.01-0.32 and y 0.04-0.84 (from the bottom);
@@ -57,7 +49,7 @@ def test_click_on_map_selects_pixel(lab):
         "old => { const i = [...document.querySelectorAll('.widget-vbox img')];"
         " return i.length > 0 && i[i.length - 1].getAttribute('src') !== old; }",
         arg=before_png, timeout=60_000)
-    after_text = _readout(page)
+    after_text = lab.pixel_readout(page)
     page.wait_for_timeout(1500)            # let the canvas redraw its markers
     lab.screenshot(page, "coupled_after_click")
     page.locator(".widget-vbox img").last.scroll_into_view_if_needed()

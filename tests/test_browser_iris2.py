@@ -19,14 +19,6 @@ pytestmark = pytest.mark.browser
 NOTEBOOK = "notebooks/05_iris2.ipynb"
 
 
-def _readout(page) -> str:
-    return page.locator(".widget-label", has_text=re.compile(r"^pixel y=")).first.inner_text()
-
-
-def _detail(page) -> str:
-    return page.locator(".widget-vbox img").last.get_attribute("src")
-
-
 def test_click_on_map_selects_pixel_and_slider_moves_log_tau(lab):
     page = lab.open(NOTEBOOK)
     lab.run_all(page)
@@ -34,7 +26,7 @@ def test_click_on_map_selects_pixel_and_slider_moves_log_tau(lab):
     page.wait_for_function(
         "() => [...document.querySelectorAll('.widget-label')]"
         ".some(l => l.textContent.startsWith('pixel y=15 x=20'))", timeout=60_000)
-    before_text, before_png = _readout(page), _detail(page)
+    before_text, before_png = lab.pixel_readout(page, last=False), lab.detail_image(page)
     lab.screenshot(page, "before")
 
     # first map (k2v intensity) spans figure x 0.01-0.15 and y 0.04-0.84 (from the bottom)
@@ -50,7 +42,7 @@ def test_click_on_map_selects_pixel_and_slider_moves_log_tau(lab):
         "old => { const i = [...document.querySelectorAll('.widget-vbox img')];"
         " return i.length > 0 && i[i.length - 1].getAttribute('src') !== old; }",
         arg=before_png, timeout=60_000)
-    after_text = _readout(page)
+    after_text = lab.pixel_readout(page, last=False)
     lab.screenshot(page, "after_click")
     assert after_text != before_text
     y, x = map(int, re.match(r"pixel y=(\d+) x=(\d+)", after_text).groups())

@@ -41,8 +41,7 @@ def _flat(raster: xr.DataArray) -> tuple[np.ndarray, tuple[str, str], tuple[int,
 def _pca_basis(data: np.ndarray, variance: float, max_rows: int, seed: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and the leading principal directions keeping ``variance`` of a random row subset."""
-    from scipy.linalg import eigh
-    from threadpoolctl import threadpool_limits
+    from iris_lab.methods.search import principal_directions
 
     rows = data
     if len(data) > max_rows:
@@ -50,11 +49,7 @@ def _pca_basis(data: np.ndarray, variance: float, max_rows: int, seed: int
                                                                 replace=False))]
     sub = torch.as_tensor(rows, dtype=torch.float64)
     mean = sub.mean(0)
-    sub = sub - mean
-    scatter = (sub.T @ sub).numpy()
-    with threadpool_limits(1, user_api="blas"):  # LAPACK threads would fight torch's
-        evals, evecs = eigh(scatter)
-    evals, evecs = np.clip(evals[::-1], 0.0, None), evecs[:, ::-1]
+    evals, evecs, _ = principal_directions((sub - mean).numpy())
     kept = np.cumsum(evals) / max(evals.sum(), 1e-300)
     n_dims = int(min(len(evals), np.searchsorted(kept, variance) + 1))
     return mean.numpy(), np.ascontiguousarray(evecs[:, :n_dims])

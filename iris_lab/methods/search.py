@@ -116,6 +116,39 @@ def _best_of_pairs(n: int, pix: torch.Tensor, ent: torch.Tensor, dist: torch.Ten
     return best, idx
 
 
+def principal_directions(centred: np.ndarray, top: int | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Leading principal directions of centred rows, from their scatter matrix.
+
+    The (n_λ × n_λ) scatter matrix is a torch product; ``scipy.linalg.eigh``
+    runs with one BLAS thread (its threads would fight torch's).
+
+    Returns
+    -------
+    tuple
+        Eigenvalues (descending, ≥ 0), eigenvectors as columns (orthonormal to
+        float64 rounding), and the trace of the scatter matrix (the total
+        variance × rows). ``top`` keeps only the largest ``top`` of them.
+
+    Example
+    -------
+    >>> rows = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.1], [0.0, -0.1]])
+    >>> evals, evecs, trace = principal_directions(rows)
+    >>> evals.round(3).tolist(), abs(evecs[:, 0]).round(3).tolist(), round(trace, 3)
+    ([2.0, 0.02], [1.0, 0.0], 2.02)
+    """
+    from scipy.linalg import eigh
+    from threadpoolctl import threadpool_limits
+
+    rows_t = torch.as_tensor(np.asarray(centred, dtype=np.float64))
+    scatter = (rows_t.T @ rows_t).numpy()
+    dim = scatter.shape[0]
+    top = dim if top is None else int(min(max(top, 1), dim))
+    with threadpool_limits(1, user_api="blas"):
+        evals, evecs = eigh(scatter, subset_by_index=[dim - top, dim - 1], driver="evr")
+    return (np.clip(evals[::-1], 0.0, None), evecs[:, ::-1], float(np.trace(scatter)))
+
+
 class NearestProfileSearch:
     """Exact weighted nearest-neighbour search of profiles in a fixed database.
 
@@ -188,18 +221,11 @@ class NearestProfileSearch:
         # principal directions from the (n_λ × n_λ) scatter matrix (torch product;
         # LAPACK on one thread: its BLAS threads would fight torch's); eigh returns an
         # orthonormal basis (to float64 rounding) whatever the subset
-        from scipy.linalg import eigh
-        from threadpoolctl import threadpool_limits
-
-        rows_t = torch.as_tensor(rows)
-        scatter = (rows_t.T @ rows_t).numpy()
-        dim = scatter.shape[0]
+        dim = rows.shape[-1]
         top = min(dim, _MAX_COMPONENTS if n_components is None else int(max(1, n_components)))
-        with threadpool_limits(1, user_api="blas"):
-            evals, evecs = eigh(scatter, subset_by_index=[dim - top, dim - 1], driver="evr")
-        evals, evecs = np.clip(evals[::-1], 0.0, None), evecs[:, ::-1]
+        evals, evecs, trace = principal_directions(rows, top)
         if n_components is None:
-            left = 1.0 - np.cumsum(evals) / max(float(np.trace(scatter)), 1e-300)
+            left = 1.0 - np.cumsum(evals) / max(trace, 1e-300)
             n_components = int(np.searchsorted(-left, -1e-5) + 1)
             n_components = int(min(max(n_components, 4), _MAX_COMPONENTS))
         self.n_components_ = int(max(1, min(n_components, evecs.shape[1])))

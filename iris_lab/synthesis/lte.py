@@ -347,6 +347,10 @@ class LTESynthesizer:
             device=self.device)
 
         self._components = self._zeeman(line_list)
+        #: largest |Zeeman shift| of each line's components [Δλ_B], for the windows
+        self._widest_shift = torch.tensor(
+            [max((abs(c[1]) for c in comps), default=0.0) for comps in self._components],
+            dtype=torch.float64, device=self.device)
         self._continuum_nodes = _continuum_nodes(grid.numpy(), self.device)
         if line_cutoff is not None and not 0.0 < float(line_cutoff) < 1.0:
             raise ValueError(f"line_cutoff must lie in (0, 1), not {line_cutoff}")
@@ -564,10 +568,8 @@ class LTESynthesizer:
             gauss = torch.sqrt(torch.log(ratio.clamp(min=1.0)))
             half = doppler.detach() * torch.maximum(lorentz, gauss)
             if larmor is not None:
-                widest = torch.tensor([max((abs(c[1]) for c in comps), default=0.0)
-                                       for comps in self._components],
-                                      dtype=self.dtype, device=self.device)
-                half = half + (larmor.detach().abs() * widest[:, None]) * doppler.detach()
+                half = half + (larmor.detach().abs() * self._widest_shift[:, None]
+                               ) * doppler.detach()
             lo = (centre.detach() - half).reshape(-1, *half.shape[-2:]).amin(0).amin(-1)
             hi = (centre.detach() + half).reshape(-1, *half.shape[-2:]).amax(0).amax(-1)
         j0 = np.searchsorted(self._grid_cpu, lo.cpu().numpy(), side="left")
