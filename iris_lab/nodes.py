@@ -69,6 +69,15 @@ DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
 #: Temperature floor [K] applied after interpolation and extrapolation.
 TEMPERATURE_FLOOR = 2800.0
 
+#: Physical range applied to the fine-grid stratification after interpolation
+#: and linear extrapolation (nodes inside their bounds can still extrapolate
+#: to a negative v_turb or B beyond the end nodes).
+PHYSICAL_RANGE: dict[str, tuple[float, float]] = {
+    "v_turb": (0.0, np.inf),
+    "b_field": (0.0, np.inf),
+    "inclination": (0.0, np.pi),
+}
+
 
 def _node_derivatives(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Fritsch–Butland derivatives at the nodes (zero at extrema).
@@ -384,6 +393,9 @@ class NodeModel:
                 deep = t_last + (self._t_reference - self._t_reference_at_last_node)
                 values = torch.where(grid > last, deep, values)
                 values = torch.clamp(values, min=TEMPERATURE_FLOOR)
+            elif name in PHYSICAL_RANGE:
+                low, high = PHYSICAL_RANGE[name]
+                values = torch.clamp(values, min=low, max=None if np.isinf(high) else high)
             out[name] = values
         return out
 

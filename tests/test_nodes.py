@@ -115,3 +115,21 @@ def test_bad_input_raises():
     model = NodeModel({"temperature": [-1.0, 0.0]})
     with pytest.raises(ValueError, match=r"shape \(\.\.\., 2\)"):
         model.interpolate(_t([1.0, 2.0, 3.0]))
+
+
+def test_extrapolated_v_turb_b_and_inclination_stay_physical():
+    """Nodes inside their bounds extrapolate linearly beyond the end nodes;
+    v_turb and B must not go negative there, nor γ leave [0, π]."""
+    grid = np.linspace(-4.0, 1.0, 26)
+    m = NodeModel({"v_turb": [-2.2, -1.1, 0.0], "b_field": [-2.2, -1.1, 0.0],
+                   "inclination": [-2.2, 0.0]}, log_tau=grid)
+    p = torch.tensor([[0.1e5, 2.0e5, 4.0e5, 50.0, 600.0, 1200.0, 0.2, 2.9]],
+                     dtype=torch.float64)
+    f = m.interpolate(p)
+    assert float(f["v_turb"].min()) == 0.0 and float(f["b_field"].min()) == 0.0
+    assert float(f["inclination"].max()) == pytest.approx(np.pi)
+    assert float(f["inclination"].min()) >= 0.0
+    # inside the node range the values are untouched
+    inside = (grid >= -2.2) & (grid <= 0.0)
+    assert float(f["v_turb"][0, inside].min()) == pytest.approx(0.1e5)
+    assert float(f["b_field"][0, inside].max()) == pytest.approx(1200.0)
