@@ -43,6 +43,7 @@ from iris_lab.inversion.coupled import (
     dense_solve,
     schur_solve,
 )
+from iris_lab.inversion.experiment import depth_weighted_error
 
 DT = torch.float64
 PAPER = {2: 0.025, 3: 0.004}
@@ -106,16 +107,6 @@ def engine_cost(n_pix: int = 2) -> None:
 
 
 # ----------------------------------------------------------------------------- metrics
-def weighted_mean_se(err: np.ndarray, w: np.ndarray) -> tuple[float, float]:
-    """Weighted mean of |err| and its standard error (effective sample size)."""
-    a = np.abs(err)
-    w = w / w.sum()
-    mean = float((w * a).sum())
-    n_eff = 1.0 / float((w ** 2).sum())
-    var = float((w * (a - mean) ** 2).sum())
-    return mean, float(np.sqrt(var / max(n_eff - 1, 1)))
-
-
 def run_modes(forward, observed, local0, truth_gf, truth_dl, atomic, depth_w, *, sigma,
               g0, glo, ghi, llo, lhi, names, modes, max_iter, strat=None):
     rows = []
@@ -129,7 +120,7 @@ def run_modes(forward, observed, local0, truth_gf, truth_dl, atomic, depth_w, *,
         free = atomic.free_lines
         e_gf = (inv.log_gf_offset_.numpy() - truth_gf)[free]
         e_dl = (inv.dlambda_.numpy() - truth_dl)[free]
-        gf_mean, gf_se = weighted_mean_se(e_gf, depth_w[free])
+        gf_mean, gf_se = depth_weighted_error(e_gf, depth_w[free])
         row = {"mode": mode, "gf": gf_mean, "gf_se": gf_se,
                "dl": 1e3 * float(np.mean(np.abs(e_dl))),
                "chi2": float(np.nanmean(inv.dataset_["chi2_reduced"].values)), "wall": wall}
@@ -200,85 +191,46 @@ def proxy(n_pix: int, snrs, modes, max_iter: int, seed: int = 0) -> None:
 
 
 # ----------------------------------------------------------------------------- LTE
-def lte(ny: int, nx: int, snrs, modes, max_iter: int, seed: int = 0) -> None:
-    from iris_lab.atomic import LineList
-    from iris_lab.inversion.lte import LTEForward, default_nodes, quiet_sun_start
-    from iris_lab.nodes import NodeModel
-    from iris_lab.synthesis.lte import LTESynthesizer
-    from iris_lab.worlds.photosphere import (
-        default_wavelengths,
-        photosphere_log_tau,
-        sample_photosphere_fov,
-        synthesize_fov,
+def lte(ny: int, nx: int, snrs, modes, max_iter: int, *, lines: str, grid: str,
+        step: float, seed: int = 0, out: str | None = None) -> None:
+    """The paper's experiment with the LTE engine, through
+    :func:`iris_lab.inversion.experiment.run_coupled_experiment` (the same
+    code the notebook runs); one table per S/N, each result written to
+    ``<out>_snr<S/N>.nc`` when ``out`` is given."""
+    from iris_lab.inversion.experiment import (
+        SMALL_LINES,
+        run_coupled_experiment,
+        small_log_tau,
+        summary_table,
     )
+    from iris_lab.inversion.lte import default_nodes
+    from iris_lab.worlds.photosphere import photosphere_log_tau
 
-    rng = np.random.default_rng(seed)
-    full = LineList.shipped("4015_4017")
-    wave = default_wavelengths()
-    # lines the engine can synthesize (finite spectra) are kept
-    atm, _ = sample_photosphere_fov(ny, nx, seed=seed)
-    keep = []
-    probe = atm.reshape(-1)[:1]
-    names = ("log_tau", "temperature", "v_los", "v_turb", "b_field", "inclination", "azimuth")
-    fields = {k: torch.as_tensor(np.ascontiguousarray(getattr(probe, k))) for k in names}
-    for i in range(len(full)):
-        c = full.wavelength_air[i]
-        s = LTESynthesizer(full.select([i]), np.array([c - 0.05, c]))
-        with torch.no_grad():
-            if torch.isfinite(s.stokes(fields)).all():
-                keep.append(i)
-    if len(keep) < len(full):
-        print(f"note: lines {sorted(set(range(len(full))) - set(keep))} give non-finite "
-              "spectra in the LTE engine and are left out")
-    lines = full.select(keep)
-    n_lines = len(keep)
-    model = NodeModel(default_nodes(), log_tau=photosphere_log_tau())
-    synth = LTESynthesizer(lines, wave)
-    i_c = float(np.asarray(synth.continuum_intensity().detach()).ravel()[0])
-    fwd = LTEForward(model, synth, continuum=i_c)
-    truth_local = model.parameters_from(atm.reshape(-1))
-    start = quiet_sun_start(model, b_field=300.0, inclination=1.0, v_turb=0.8e5, azimuth=None)
-    n_pix = ny * nx
-    x0 = torch.tensor(np.broadcast_to(start, (n_pix, start.size)).copy(), dtype=DT)
-    lo, hi = model.bounds
-    lam = wave
-    x_t = photosphere_log_tau()
-
-    def strat(local):
-        f_inv = model.interpolate(local)
-        out = {}
-        for name, scale, rng_ in (("temperature", 1.0, (-2.5, 0.4)), ("v_los", 1e-5, (-2.2, 0)),
-                                  ("b_field", 1.0, (-2.2, 0))):
-            sel = (x_t >= rng_[0]) & (x_t <= rng_[1])
-            truth = getattr(atm.reshape(-1), name)[:, sel]
-            inv = f_inv[name].detach().numpy()[:, sel]
-            if name == "b_field":
-                inv = np.abs(inv)
-            out[name] = float(np.sqrt(np.mean((inv - truth) ** 2))) * scale
-        return out
-
+    line_idx = list(range(18)) if lines == "all" else list(SMALL_LINES)
+    log_tau = photosphere_log_tau() if grid == "fine" else small_log_tau()
     for snr in snrs:
-        obs = synthesize_fov(atm, lines, wave, snr=snr, seed=seed)
-        data = obs["spectra"].values.reshape(n_pix, -1)
-        clean_i = obs["clean"].values.reshape(n_pix, 4, -1)[:, 0].mean(0)
-        idx = [int(np.argmin(np.abs(lam - c))) for c in full.wavelength_air[keep]]
-        depth_w = 1.0 - clean_i[idx]
-        ref = int(np.argmax(depth_w))
-        atomic = AtomicParameters(n_lines, reference_line=ref)
-        g0 = atomic.join(rng.normal(0, 0.2, n_lines), rng.normal(0, 0.005, n_lines))
-        kh = len(atomic.free_lines)
-        glo = np.r_[np.full(kh, -2.0), np.full(kh, -0.030)]
-        ghi = np.r_[np.full(kh, 1.5), np.full(kh, 0.022)]
-        sigma = 1e-4 if snr is None else np.maximum(obs["sigma"].values.reshape(n_pix, -1),
-                                                    1e-6)
-        rows = run_modes(fwd.atomic, data, x0, np.zeros(n_lines), np.zeros(n_lines), atomic,
-                         depth_w, sigma=sigma, g0=g0, glo=glo, ghi=ghi, llo=lo, lhi=hi,
-                         names=model.parameter_names, modes=modes, max_iter=max_iter,
-                         strat=strat)
-        _ = truth_local
-        print_rows(f"LTE, {n_pix} pixels, {n_lines} lines, S/N = "
-                   f"{'∞' if snr is None else snr}", rows,
-                   extra=("temperature", "v_los", "b_field"))
+        from iris_lab.atomic import LineList
+
+        centres = np.asarray(LineList.shipped("4015_4017").select(line_idx).wavelength_air)
+        wave = np.round(np.arange(centres.min() - 0.07, centres.max() + 0.07 + 1e-9, step), 4)
+        t0 = time.perf_counter()
+        ds = run_coupled_experiment(ny, nx, lines=line_idx, wavelengths=wave, log_tau=log_tau,
+                                    nodes=default_nodes(), snr=snr, modes=modes,
+                                    max_iter=max_iter, seed=seed, progress=False)
+        label = "inf" if snr is None else f"{snr:g}"
+        if out:
+            ds.to_netcdf(f"{out}_snr{label}.nc", engine="h5netcdf")
+        table = summary_table(ds)
+        print(f"\n### LTE engine, {ny}×{nx} pixels, {len(line_idx)} lines, "
+              f"{wave.size} wavelengths, {log_tau.size} depths, S/N = "
+              f"{'∞' if snr is None else snr}  ({time.perf_counter() - t0:.0f} s in all; "
+              f"reference line {ds.attrs['reference_line_label']})\n")
+        cols = list(table.columns)
+        print("| | " + " | ".join(cols) + " |")
+        print("|---|" + "---:|" * len(cols))
+        for name, row in table.iterrows():
+            cells = ["—" if not np.isfinite(v) else f"{v:.4g}" for v in row.values]
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def _snr(value: str):
@@ -307,6 +259,12 @@ def main(argv=None) -> None:
     p.add_argument("--snr", type=_snr, nargs="+", default=[None, 1000.0, 300.0])
     p.add_argument("--modes", type=_mode, nargs="+", default=[1, 2, 3, "averaged"])
     p.add_argument("--max-iter", type=int, default=30)
+    p.add_argument("--lines", choices=["small", "all"], default="small",
+                   help="the 5 lines of the notebook's problem or all 18")
+    p.add_argument("--grid", choices=["coarse", "fine"], default="coarse",
+                   help="log τ grid: 24 points (−3.6…1.0) or 51 (−4…1)")
+    p.add_argument("--step", type=float, default=0.02, help="wavelength step [Å]")
+    p.add_argument("--out", default=None, help="netCDF prefix for the results")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.what == "scaling":
@@ -316,7 +274,8 @@ def main(argv=None) -> None:
     elif args.what == "proxy":
         proxy(args.pixels, args.snr, args.modes, args.max_iter)
     else:
-        lte(args.ny, args.nx, args.snr, args.modes, args.max_iter)
+        lte(args.ny, args.nx, args.snr, args.modes, args.max_iter, lines=args.lines,
+            grid=args.grid, step=args.step, out=args.out)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ from iris_lab.inversion.coupled import (  # noqa: E402
 from iris_lab.inversion.experiment import (  # noqa: E402
     MODES,
     blend_separation,
+    depth_weighted_error,
     line_depths,
     perturb_atomic_data,
     run_coupled_experiment,
+    stratification_rmsd,
     summary_table,
 )
 
@@ -146,6 +148,22 @@ def test_summary_table(experiment):
     assert table.loc["mode 2", "paper [dex]"] == 0.025
     assert np.isnan(table.loc["mode 1", "mean |Δlog gf| [dex]"])
     assert np.isfinite(table.loc["mode 3", "mean |Δlog gf| [dex]"])
+    assert table.loc["mode 3", "± s.e. [dex]"] >= 0.0
+    # stratification errors: finite, and the truth scores zero against itself
+    assert np.isfinite(table.loc["mode 1", "T RMSD [K]"])
+    perfect = experiment.copy()
+    for name in ("temperature", "v_los", "b_field"):
+        truth = perfect[f"{name}_true"].expand_dims(mode=perfect["mode"].values)
+        perfect[name] = truth.transpose(*perfect[name].dims)
+    rmsd = stratification_rmsd(perfect)
+    assert all(v == 0.0 for mode in rmsd.values() for v in mode.values())
+
+
+def test_depth_weighted_error_weights_deep_lines():
+    mean, se = depth_weighted_error(np.array([0.0, 0.1]), np.array([3.0, 1.0]))
+    assert mean == pytest.approx(0.025)
+    assert se > 0.0
+    assert depth_weighted_error(np.array([0.02, -0.02]), np.array([1.0, 5.0]))[1] == 0.0
 
 
 def test_unknown_mode_is_rejected():
