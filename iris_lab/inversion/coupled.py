@@ -77,6 +77,7 @@ from iris_lab.inversion.lm import (
     _weighted_data,
     batched_finite_jacobian,
 )
+from iris_lab.inversion.lm import jacobian as lm_jacobian
 
 CoupledForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -263,9 +264,9 @@ class CoupledLevenbergMarquardt:
         Do not perturb once χ²_ν is at or below this (e.g. 1.0 with real
         noise); ``None`` perturbs on every stall.
     jacobian
-        ``"jvp"`` (forward mode), ``"finite"`` (one forward call per column)
-        or ``"batched"`` (forward differences, all columns in one call:
-        :func:`batched_finite_jacobian`).
+        ``"jvp"`` (forward mode), ``"finite"`` (forward differences, one
+        forward call per column) or ``"batched"`` (forward differences, all
+        columns in one call: :func:`batched_finite_jacobian`).
     chunk_size
         Pixels per Jacobian chunk (memory bound).
     uncertainties
@@ -353,48 +354,27 @@ class CoupledLevenbergMarquardt:
 
     def _jacobians(self, forward: CoupledForward, x: torch.Tensor, g: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n, k = x.shape[-1], g.shape[-1]
-        cols_l, cols_g = [], []
-        if self.jacobian == "jvp":
-            model = None
-            for j in range(n):
-                t = torch.zeros_like(x)
-                t[:, j] = 1.0
-                model, col = torch.func.jvp(lambda z: forward(z, g), (x,), (t,))
-                cols_l.append(col.detach())
-            for j in range(k):
-                t = torch.zeros_like(g)
-                t[:, j] = 1.0
-                model, col = torch.func.jvp(lambda z: forward(x, z), (g,), (t,))
-                cols_g.append(col.detach())
-            if model is None:
-                model = forward(x, g)
-        elif self.jacobian == "finite":
-            with torch.no_grad():
-                model = forward(x, g)
-                for j in range(n):
-                    h = 1e-6 * torch.clamp(x[:, j].abs(), min=1.0)
-                    xp = x.clone()
-                    xp[:, j] += h
-                    cols_l.append((forward(xp, g) - model) / h[:, None])
-                for j in range(k):
-                    h = 1e-6 * torch.clamp(g[:, j].abs(), min=1.0)
-                    gp = g.clone()
-                    gp[:, j] += h
-                    cols_g.append((forward(x, gp) - model) / h[:, None])
-        elif self.jacobian == "batched":
-            model, jac = batched_finite_jacobian(
-                lambda z: forward(z[:, :n], z[:, n:]), torch.cat([x, g], -1),
-                scale=getattr(self, "_fd_scale", None))
-            return model, jac[..., :n], jac[..., n:]
-        else:
+        """Model and the local ``(p, m, n)`` and global ``(p, m, k)`` Jacobians:
+        :func:`~iris_lab.inversion.lm.jacobian` of the stacked vector
+        ``[local, global]`` (``"finite"`` passes one column per call,
+        ``"batched"`` stacks all columns into calls of up to 4096 rows)."""
+        n = x.shape[-1]
+        if self.jacobian not in ("jvp", "finite", "batched"):
             raise ValueError(f"unknown Jacobian method {self.jacobian!r}: 'jvp', 'finite' "
                              "or 'batched'")
-        model = model.detach()
-        m = model.shape[-1]
-        jl = torch.stack(cols_l, -1) if cols_l else model.new_zeros((x.shape[0], m, 0))
-        jg = torch.stack(cols_g, -1) if cols_g else model.new_zeros((x.shape[0], m, 0))
-        return model, jl, jg
+
+        def stacked(z: torch.Tensor) -> torch.Tensor:
+            return forward(z[:, :n], z[:, n:])
+
+        z = torch.cat([x, g], -1)
+        if self.jacobian == "jvp":
+            model, jac = lm_jacobian(stacked, z, "jvp")
+        else:
+            max_rows = x.shape[0] if self.jacobian == "finite" else 4096
+            model, jac = batched_finite_jacobian(stacked, z, max_rows=max_rows,
+                                                 scale=getattr(self, "_fd_scale", None))
+        model, jac = model.detach(), jac.detach()
+        return model, jac[..., :n], jac[..., n:]
 
     def _model(self, forward: CoupledForward, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
