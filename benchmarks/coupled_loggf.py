@@ -39,6 +39,7 @@ from bench_timing import best_time
 from iris_lab.inversion.coupled import (
     AtomicInversion,
     AtomicParameters,
+    CoupledLevenbergMarquardt,
     NormalBlocks,
     dense_solve,
     schur_solve,
@@ -89,21 +90,59 @@ def scaling(pixels, n=16, k=34, m=804, dense_max=300, chunk=250, seed=0) -> None
         print(f"| {p} | {t_schur:.3f} | {1e3 * t_schur / p:.3f} | {dense} |")
 
 
-def engine_cost(n_pix: int = 2) -> None:
+def iteration_cost(pixels, seed: int = 0) -> None:
+    """Wall time of one whole coupled LM iteration with the LTE engine (the
+    notebook's 5-line problem, the paper's node layout): Jacobians by batched
+    forward differences, normal-equation blocks, Schur solve, trial model."""
     from iris_lab.atomic import LineList
+    from iris_lab.inversion.experiment import SMALL_LINES, small_log_tau
+    from iris_lab.inversion.lm import _weighted_data
+    from iris_lab.inversion.lte import LTEForward, default_nodes, quiet_sun_start
+    from iris_lab.nodes import NodeModel
     from iris_lab.synthesis.lte import LTESynthesizer
-    from iris_lab.worlds.photosphere import default_wavelengths, sample_photosphere_fov
+    from iris_lab.worlds.photosphere import sample_photosphere_fov, synthesize_fov
 
-    atm, _ = sample_photosphere_fov(2, 2, seed=0)
-    flat = atm.reshape(-1)[:n_pix]
-    synth = LTESynthesizer(LineList.shipped("4015_4017"), default_wavelengths())
-    names = ("log_tau", "temperature", "v_los", "v_turb", "b_field", "inclination", "azimuth")
-    fields = {k: torch.as_tensor(np.ascontiguousarray(getattr(flat, k))) for k in names}
-    with torch.no_grad():
-        t = best_time(lambda: synth.stokes(fields), repeats=1)
-    print(f"\nLTE forward pass (18 lines, 201 wavelengths, 51 depths): {t / n_pix:.2f} s per "
-          f"pixel on this machine ({n_pix} pixels timed); one coupled iteration needs "
-          f"n + k + 1 = 51 passes (Jacobian columns + trial step).")
+    lines = LineList.shipped("4015_4017").select(list(SMALL_LINES))
+    centres = np.asarray(lines.wavelength_air)
+    wave = np.round(np.arange(centres.min() - 0.07, centres.max() + 0.07 + 1e-9, 0.02), 4)
+    model = NodeModel(default_nodes(), log_tau=small_log_tau())
+    synth = LTESynthesizer(lines, wave)
+    i_c = float(np.asarray(synth.continuum_intensity().detach()).ravel()[0])
+    fwd = LTEForward(model, synth, continuum=i_c)
+    atomic = AtomicParameters(len(lines), reference_line=1)
+    k = atomic.n_parameters
+    start = quiet_sun_start(model, b_field=300.0, inclination=1.0, v_turb=0.8e5, azimuth=None)
+    n = start.size
+    print(f"\n### One coupled LM iteration with the LTE engine ({len(lines)} lines, "
+          f"{wave.size} wavelengths × IQUV, {model.log_tau.size} depths; n = {n}, k = {k})\n")
+    print("| pixels | Jacobians + blocks [s] | Schur solve [s] | trial model [s] | "
+          "iteration [s] | per pixel [ms] |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for p in pixels:
+        side = int(np.ceil(np.sqrt(p)))
+        atm, _ = sample_photosphere_fov(side, side, seed=seed, log_tau=small_log_tau())
+        obs = synthesize_fov(atm, lines, wave)["clean"].values.reshape(side * side, -1)[:p]
+        obs_t, sqrt_w = _weighted_data(torch.as_tensor(obs), 1e-3, 1.0, DT, "cpu")
+        x = torch.tensor(np.broadcast_to(start, (p, n)).copy(), dtype=DT)
+        g = torch.zeros(k, dtype=DT)
+        solver = CoupledLevenbergMarquardt(jacobian="batched", chunk_size=256)
+        lo, hi = model.bounds
+        solver._fd_scale = torch.as_tensor(np.r_[hi - lo, np.full(k, 0.05)], dtype=DT)
+
+        def coupled(local, glob):
+            gf, dl = atomic.split(glob)
+            return fwd.atomic(local, gf, dl)
+
+        t0 = time.perf_counter()
+        blocks, _ = solver.linearise(coupled, x, g, obs_t, sqrt_w)
+        t1 = time.perf_counter()
+        scaled, dl, dg = blocks.damped(1e-1)
+        dx, dgl = schur_solve(scaled)
+        t2 = time.perf_counter()
+        solver._model(coupled, x + dx / dl, g + dgl / dg)
+        t3 = time.perf_counter()
+        print(f"| {p} | {t1 - t0:.2f} | {t2 - t1:.3f} | {t3 - t2:.2f} | {t3 - t0:.2f} | "
+              f"{1e3 * (t3 - t0) / p:.1f} |")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -247,7 +286,8 @@ def main(argv=None) -> None:
     p = sub.add_parser("scaling")
     p.add_argument("--pixels", type=int, nargs="+", default=[100, 300, 1000, 3000])
     p.add_argument("--dense-max", type=int, default=300)
-    p.add_argument("--engine", action="store_true", help="also time one LTE forward pass")
+    p.add_argument("--engine", type=int, nargs="*", default=None,
+                   help="also time whole iterations with the LTE engine at these pixel counts")
     p = sub.add_parser("proxy")
     p.add_argument("--pixels", type=int, default=1000)
     p.add_argument("--snr", type=_snr, nargs="+", default=[None, 1000.0, 300.0])
@@ -270,7 +310,7 @@ def main(argv=None) -> None:
     if args.what == "scaling":
         scaling(args.pixels, dense_max=args.dense_max)
         if args.engine:
-            engine_cost()
+            iteration_cost(args.engine)
     elif args.what == "proxy":
         proxy(args.pixels, args.snr, args.modes, args.max_iter)
     else:
