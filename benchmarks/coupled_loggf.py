@@ -173,10 +173,10 @@ def run_modes(forward, observed, local0, truth_gf, truth_dl, atomic, depth_w, *,
 
 def print_rows(title: str, rows, extra=()) -> None:
     print(f"\n### {title}\n")
-    head = "| mode | ⟨|Δlog gf|⟩_depth [dex] | paper | ⟨|Δλ|⟩ [mÅ] | " + \
-        " | ".join(extra) + (" | " if extra else "") + "χ²_ν | wall [s] |"
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
+    cols = ["mode", "⟨∣Δlog gf∣⟩_depth [dex]", "paper", "⟨∣Δλ∣⟩ [mÅ]", *extra, "χ²_ν",
+            "wall [s]"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
     for r in rows:
         paper = PAPER.get(r["mode"], "—")
         gf = "—" if np.isnan(r["gf"]) else f"{r['gf']:.4f} ± {r['gf_se']:.4f}"
@@ -264,7 +264,7 @@ def lte(ny: int, nx: int, snrs, modes, max_iter: int, *, lines: str, grid: str,
               f"{wave.size} wavelengths, {log_tau.size} depths, S/N = "
               f"{'∞' if snr is None else snr}  ({time.perf_counter() - t0:.0f} s in all; "
               f"reference line {ds.attrs['reference_line_label']})\n")
-        cols = list(table.columns)
+        cols = [c.replace("|", "∣") for c in table.columns]   # no pipes inside cells
         print("| | " + " | ".join(cols) + " |")
         print("|---|" + "---:|" * len(cols))
         for name, row in table.iterrows():
