@@ -100,6 +100,16 @@ def x_to_atmosphere(x: np.ndarray, n_height: int) -> dict[str, np.ndarray]:
     return {"n_e": 10.0 ** le, "temperature": 10.0 ** lt, "v_los": v}
 
 
+def _x_to_atmosphere_torch(x: torch.Tensor, n_height: int) -> dict[str, np.ndarray]:
+    """:func:`x_to_atmosphere` in (multi-threaded) torch float64, for large draw sets."""
+    x = x.to(torch.float64)
+    ln10 = math.log(10.0)
+    le, lt, lv = (x[..., i * n_height:(i + 1) * n_height] for i in range(3))
+    v = torch.expm1(lv.abs() * ln10).mul_(torch.sign(lv) * 1e5)
+    return {"n_e": torch.exp(le * ln10).cpu().numpy(),
+            "temperature": torch.exp(lt * ln10).cpu().numpy(), "v_los": v.cpu().numpy()}
+
+
 def normalise_profiles(halpha: np.ndarray, ca8542: np.ndarray) -> np.ndarray:
     """Concatenate Hα and Ca 8542 profiles, each divided by its own maximum.
 
@@ -555,8 +565,24 @@ class FlareINN:
             raise ValueError(f"profiles give {y.shape[-1]} samples, the network expects {self.n_y}")
         return y
 
+    def _evaluator(self, fast: bool):
+        """The inference-only :class:`~iris_lab.methods.inn_fast.FrozenINN` of ``net_``
+        (fused kernels on the CPU) when ``fast``; ``None``: use the FrEIA module."""
+        if fast:
+            from iris_lab.methods.inn_fast import FrozenINN
+
+            return FrozenINN.from_sequence(self.net_)
+        return None
+
+    def _run_net(self, frozen, inp: torch.Tensor, rev: bool) -> torch.Tensor:
+        """One pass over ``(n, width)`` rows; overwrites ``inp`` on the fast path."""
+        if frozen is not None:
+            return frozen.reverse(inp, out=inp) if rev else frozen.forward(inp, out=inp)
+        out, _ = self.net_(inp, rev=rev, jac=False)
+        return out
+
     def sample_x(self, y: torch.Tensor, n_draws: int, *, generator: torch.Generator,
-                 max_rows: int = 65536) -> torch.Tensor:
+                 max_rows: int = 65536, fast: bool = True) -> torch.Tensor:
         """Posterior draws in the network representation.
 
         Parameters
@@ -568,34 +594,56 @@ class FlareINN:
         generator
             torch generator on the network's device.
         max_rows
-            Rows (pixels × draws) per network call.
+            Rows (pixels × draws) whose latent vectors are drawn together; the
+            draws do not depend on the path but do depend on this grouping.
+        fast
+            Evaluate with :class:`~iris_lab.methods.inn_fast.FrozenINN` in
+            cache-sized chunks (default); ``False``: the FrEIA module (same
+            result to float32 rounding).
 
         Returns
         -------
         torch.Tensor
             ``(n_pixels, n_draws, 3 n_height)`` unscaled representation
             (log n_e, log T, signed log v).
+
+        Example
+        -------
+        >>> import torch
+        >>> inn = FlareINN(width=96, hidden=16, n_latent=30, n_blocks=2, progress=False)
+        >>> inn.n_height_, inn.n_halpha_, inn.n_ca8542_ = 10, 5, 5
+        >>> inn.x_mean_, inn.x_std_ = torch.zeros(30), torch.ones(30)
+        >>> inn._build()
+        >>> g = torch.Generator().manual_seed(0)
+        >>> inn.sample_x(torch.rand(2, 10), 7, generator=g).shape
+        torch.Size([2, 7, 30])
         """
         self._require_fitted()
         dev = self.device
         y = y.to(dev, torch.float32)
-        n_pix = y.shape[0]
-        out = torch.empty(n_pix, n_draws, self.n_x, device=dev)
-        pix_per = max(1, max_rows // n_draws)
-        pad = self.width - self.n_y - self.n_latent
+        n_pix, ny, nz, nx = y.shape[0], self.n_y, self.n_latent, self.n_x
+        out = torch.empty(n_pix, n_draws, nx, device=dev)
+        flat = out.view(n_pix * n_draws, nx)
+        pix_per = max(1, max_rows // max(n_draws, 1))
+        frozen = self._evaluator(fast)
+        chunk = frozen.chunk_rows if frozen is not None else max_rows
+        mean, std = self.x_mean_.to(dev), self.x_std_.to(dev)
+        inp = torch.empty(min(chunk, pix_per * n_draws), self.width, device=dev)
         with torch.inference_mode():
             for s in range(0, n_pix, pix_per):
                 yy = y[s:s + pix_per]
-                p = yy.shape[0]
-                rows = p * n_draws
-                inp = torch.empty(rows, self.width, device=dev)
-                inp[:, :self.n_y] = yy.repeat_interleave(n_draws, 0)
-                inp[:, self.n_y:self.n_y + self.n_latent] = torch.randn(
-                    rows, self.n_latent, generator=generator, device=dev) * self.latent_scale_
-                if pad:
-                    inp[:, self.n_y + self.n_latent:] = 0.0
-                xr, _ = self.net_(inp, rev=True, jac=False)
-                out[s:s + p] = self._unscale(xr[:, :self.n_x]).reshape(p, n_draws, self.n_x)
+                rows = yy.shape[0] * n_draws
+                z = torch.randn(rows, nz, generator=generator, device=dev)
+                for r0 in range(0, rows, chunk):
+                    n = min(chunk, rows - r0)
+                    buf = inp[:n]
+                    pix = torch.arange(r0, r0 + n, device=dev) // n_draws
+                    buf[:, :ny] = yy[pix]
+                    torch.mul(z[r0:r0 + n], self.latent_scale_, out=buf[:, ny:ny + nz])
+                    buf[:, ny + nz:] = 0.0
+                    xr = self._run_net(frozen, buf, rev=True)
+                    dst = flat[s * n_draws + r0:s * n_draws + r0 + n]
+                    torch.addcmul(mean, xr[:, :nx], std, out=dst)
         return out
 
     def coverage(self, data, *, n_draws: int = 200, level: float = 0.68,
@@ -683,7 +731,7 @@ class FlareINN:
         gen = torch.Generator(device=self.device).manual_seed(self.seed if seed is None else seed)
         xr = self.sample_x(torch.from_numpy(y.reshape(-1, self.n_y)), n_draws, generator=gen,
                            max_rows=max_rows)
-        atm = x_to_atmosphere(xr.cpu().numpy(), self.n_height_)
+        atm = _x_to_atmosphere_torch(xr, self.n_height_)
         return {k: v.reshape(*batch, n_draws, self.n_height_) for k, v in atm.items()}
 
     def predict_profiles(self, n_e: np.ndarray, temperature: np.ndarray,
@@ -700,16 +748,21 @@ class FlareINN:
         return self._forward_y(self._scale(x.reshape(-1, self.n_x))).cpu().numpy().reshape(
             *batch, self.n_y)
 
-    def _forward_y(self, xs: torch.Tensor, max_rows: int = 65536) -> torch.Tensor:
+    def _forward_y(self, xs: torch.Tensor, max_rows: int = 65536, *,
+                   fast: bool = True) -> torch.Tensor:
+        """Normalised profiles ``(n, n_y)`` of scaled atmospheres ``(n, n_x)``."""
         dev = self.device
         out = torch.empty(xs.shape[0], self.n_y, device=dev)
+        frozen = self._evaluator(fast)
+        chunk = frozen.chunk_rows if frozen is not None else max_rows
+        inp = torch.empty(min(chunk, max(xs.shape[0], 1)), self.width, device=dev)
         with torch.inference_mode():
-            for s in range(0, xs.shape[0], max_rows):
-                chunk = xs[s:s + max_rows].to(dev)
-                inp = torch.zeros(chunk.shape[0], self.width, device=dev)
-                inp[:, :self.n_x] = chunk
-                yo, _ = self.net_(inp, jac=False)
-                out[s:s + chunk.shape[0]] = yo[:, :self.n_y]
+            for s in range(0, xs.shape[0], chunk):
+                n = min(chunk, xs.shape[0] - s)
+                buf = inp[:n]
+                buf[:, :self.n_x] = xs[s:s + n]
+                buf[:, self.n_x:] = 0.0
+                out[s:s + n] = self._run_net(frozen, buf, rev=False)[:, :self.n_y]
         return out
 
     def round_trip(self, profiles, n_draws: int = 100, *,
@@ -775,7 +828,7 @@ class FlareINN:
 
     def posterior_summary(self, cube, n_draws: int = 200, *, saturation: float | None = None,
                           n_round_trip: int = 16, residual_threshold: float = 0.05,
-                          seed: int | None = None, max_rows: int = 65536):
+                          seed: int | None = None, max_rows: int = 65536, fast: bool = True):
         """Posterior median and 16/84 % percentiles of n_e, T, v for every pixel.
 
         Parameters
@@ -792,7 +845,11 @@ class FlareINN:
         residual_threshold
             Round-trip RMS (normalised intensity) above which a pixel is flagged.
         seed, max_rows
-            Seed of the latent draws; rows per network call.
+            Seed of the latent draws; rows (pixels × draws) drawn together.
+        fast
+            Inference-only evaluator and sorting-network percentiles (default);
+            ``False``: the FrEIA module and ``torch.quantile`` (same result to
+            float32 rounding).
 
         Returns
         -------
@@ -809,6 +866,8 @@ class FlareINN:
         """
         import xarray as xr
         from tqdm.auto import tqdm
+
+        from iris_lab.methods.inn_fast import draw_percentiles
 
         self._require_fitted()
         ha, ca = self.profiles_to_grid(cube)
@@ -837,19 +896,27 @@ class FlareINN:
         gen = torch.Generator(device=self.device).manual_seed(self.seed if seed is None else seed)
         pix_per = max(1, max_rows // n_draws)
         y_good = normalise_profiles(ha2[good], ca2[good])
+        lib = None
+        if fast and self.device == "cpu":
+            from iris_lab.methods.inn_fast import load_kernels
+
+            lib = load_kernels()
         with torch.inference_mode():
             for s in tqdm(range(0, good.size, pix_per), desc="posterior",
                           disable=not self.progress):
                 yy = torch.from_numpy(y_good[s:s + pix_per]).to(self.device)
-                xr_ = self.sample_x(yy, n_draws, generator=gen, max_rows=max_rows)
-                st = torch.quantile(xr_, q_levels, dim=1)
-                stats[:, good[s:s + pix_per]] = st.cpu().numpy()
+                xr_ = self.sample_x(yy, n_draws, generator=gen, max_rows=max_rows, fast=fast)
                 k = min(n_round_trip, n_draws)
-                if k > 0:
-                    sub = xr_[:, :k].reshape(-1, self.n_x)
-                    yo = self._forward_y(self._scale(sub), max_rows).reshape(yy.shape[0], k, -1)
+                if k > 0:  # before the percentiles, which sort the draws in place
+                    sub = self._scale(xr_[:, :k].reshape(-1, self.n_x))
+                    yo = self._forward_y(sub, max_rows, fast=fast).reshape(yy.shape[0], k, -1)
                     r = ((yo - yy[:, None, :]) ** 2).mean((1, 2)).sqrt()
                     rms[good[s:s + pix_per]] = r.cpu().numpy()
+                if fast:
+                    st = draw_percentiles(xr_, q_levels, lib=lib)
+                else:
+                    st = torch.quantile(xr_, q_levels, dim=1)
+                stats[:, good[s:s + pix_per]] = st.cpu().numpy()
         with np.errstate(invalid="ignore"):
             quality[rms > residual_threshold] |= FLAG_BITS["high_residual"]
         dims = (*spatial, "height")

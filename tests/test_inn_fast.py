@@ -1,0 +1,153 @@
+"""The inference-only FlareINN evaluator and percentiles agree with FrEIA / torch.quantile."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from iris_lab.methods.inn import FlareINN
+from iris_lab.methods.inn_fast import (
+    FrozenINN,
+    _oddeven_merge_pairs,
+    draw_percentiles,
+    load_kernels,
+)
+
+DL_HA = np.round(np.linspace(-1.4, 1.4, 29), 3)
+DL_CA = np.round(np.linspace(-1.2, 1.2, 25), 3)
+N_HEIGHT = 10
+
+
+@pytest.fixture(scope="module")
+def inn() -> FlareINN:
+    """A small random-initialised FlareINN whose couplings are far from the identity."""
+    net = FlareINN(width=96, hidden=48, n_latent=40, n_blocks=4, seed=3, progress=False)
+    net.n_height_, net.n_halpha_, net.n_ca8542_ = N_HEIGHT, DL_HA.size, DL_CA.size
+    net.heights_ = np.linspace(10e8, 0.0, N_HEIGHT)
+    net.dl_halpha_, net.dl_ca8542_ = DL_HA, DL_CA
+    gen = torch.Generator().manual_seed(7)
+    net.x_mean_ = torch.randn(3 * N_HEIGHT, generator=gen) + 5.0
+    net.x_std_ = torch.rand(3 * N_HEIGHT, generator=gen) + 0.5
+    net._build()
+    with torch.no_grad():  # FrEIA-style init leaves the last layers ~0: make them matter
+        for p in net.net_.parameters():
+            if p.requires_grad:
+                p.add_(0.08 * torch.randn(p.shape, generator=gen))
+    net.net_.eval()
+    return net
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_frozen_matches_freia_both_directions(inn, use_kernels):
+    fast = FrozenINN.from_sequence(inn.net_, use_kernels=use_kernels, chunk_rows=300)
+    if use_kernels and load_kernels() is None:
+        pytest.skip("no C compiler for the fused kernels")
+    assert fast.uses_kernels == use_kernels
+    x = torch.randn(1000, inn.width, generator=torch.Generator().manual_seed(0))
+    net64 = copy.deepcopy(inn.net_).double()
+    for rev in (False, True):
+        with torch.no_grad():
+            ref64, _ = net64(x.double(), rev=rev, jac=False)
+            ref32, _ = inn.net_(x, rev=rev, jac=False)
+        got = fast.reverse(x) if rev else fast.forward(x)
+        assert ref64.abs().max() > 5.0  # not a near-identity network
+        # as close to the float64 result as FrEIA's own float32 evaluation is
+        err_freia = float((ref32.double() - ref64).abs().max())
+        err_fast = float((got.double() - ref64).abs().max())
+        assert err_fast <= 3.0 * err_freia + 1e-6 * float(ref64.abs().max()), (rev, err_fast,
+                                                                                err_freia)
+        np.testing.assert_allclose(got.numpy(), ref32.numpy(), rtol=1e-4,
+                                   atol=1e-4 * float(ref64.abs().max()))
+    # round trip and in-place evaluation
+    buf = x.clone()
+    back = fast.forward(fast.reverse(buf, out=buf), out=buf)
+    assert back.data_ptr() == buf.data_ptr()
+    np.testing.assert_allclose(back.numpy(), x.numpy(), atol=1e-4)
+
+
+def test_frozen_rejects_what_it_cannot_evaluate(inn):
+    from FrEIA.framework import SequenceINN
+    from FrEIA.modules import GLOWCouplingBlock
+
+    def sub(din, dout):
+        return torch.nn.Sequential(torch.nn.Linear(din, 8), torch.nn.Tanh(),
+                                   torch.nn.Linear(8, dout))
+
+    net = SequenceINN(8)
+    net.append(GLOWCouplingBlock, subnet_constructor=sub)
+    with pytest.raises(TypeError, match="Tanh"):
+        FrozenINN.from_sequence(net)
+    net = SequenceINN(8)
+    net.append(GLOWCouplingBlock, subnet_constructor=lambda i, o: torch.nn.Linear(i, o),
+               clamp_activation="TANH")
+    with pytest.raises(TypeError, match="ATAN"):
+        FrozenINN.from_sequence(net)
+    with pytest.raises(ValueError, match="rows"):
+        FrozenINN.from_sequence(inn.net_).reverse(torch.zeros(3, inn.width + 2))
+
+
+def test_sample_and_round_trip_fast_path_match_freia(inn):
+    y = torch.rand(5, inn.n_y, generator=torch.Generator().manual_seed(1)) + 0.1
+    draws = {}
+    for fast in (True, False):
+        gen = torch.Generator().manual_seed(4)
+        draws[fast] = inn.sample_x(y, 37, generator=gen, max_rows=100, fast=fast)
+    assert draws[True].shape == (5, 37, inn.n_x)
+    np.testing.assert_allclose(draws[True].numpy(), draws[False].numpy(), rtol=1e-4,
+                               atol=1e-4 * float(draws[False].abs().max()))
+    xs = inn._scale(draws[False].reshape(-1, inn.n_x))
+    np.testing.assert_allclose(inn._forward_y(xs, 50, fast=True).numpy(),
+                               inn._forward_y(xs, 50, fast=False).numpy(), rtol=1e-4, atol=1e-4)
+    # the public sample() converts to CGS as x_to_atmosphere does
+    out = inn.sample(y.numpy(), 6, seed=2)
+    assert out["n_e"].shape == (5, 6, N_HEIGHT) and out["n_e"].dtype == np.float64
+    assert np.all(out["temperature"] > 0)
+
+
+def test_posterior_summary_fast_path_matches_quantile(inn):
+    rng = np.random.default_rng(0)
+    ha = 1.0 + rng.random((3, 4, DL_HA.size))
+    ca = 1.0 + rng.random((3, 4, DL_CA.size))
+    ha[0, 0, 2] = np.nan
+    cube = xr.Dataset({"halpha": (("y", "x", "dl_halpha"), ha),
+                       "ca8542": (("y", "x", "dl_ca8542"), ca)},
+                      coords={"dl_halpha": DL_HA, "dl_ca8542": DL_CA})
+    res = {fast: inn.posterior_summary(cube, 50, seed=3, max_rows=200, fast=fast)
+           for fast in (True, False)}
+    for name in ("temperature", "n_e_p16", "v_los_p84", "round_trip_rms"):
+        a, b = res[True][name].values, res[False][name].values
+        assert np.array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.nanmax(np.abs(b)))
+    assert np.array_equal(res[True]["quality"].values, res[False]["quality"].values)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 33, 200])
+def test_draw_percentiles_equal_torch_quantile(n):
+    gen = torch.Generator().manual_seed(n)
+    draws = torch.randn(4, n, 19, generator=gen)
+    draws[1, n // 2, 3] = float("nan")
+    draws[2, :, 5] = 1.5  # ties
+    q = torch.tensor([0.0, 0.16, 0.5, 0.84, 1.0])
+    ref = torch.quantile(draws, q, dim=1)
+    for lib in (load_kernels(), None):
+        got = draw_percentiles(draws.clone(), q, lib=lib)
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
+        assert torch.isnan(got[:, 1, 3]).all() and not torch.isnan(got[:, 0]).any()
+
+
+@pytest.mark.parametrize("n", [5, 8, 13, 32, 100])
+def test_oddeven_merge_network_sorts(n):
+    ci, cj = _oddeven_merge_pairs(n)
+    assert all(0 <= i < j < n for i, j in zip(ci, cj, strict=True))
+    rng = np.random.default_rng(n)
+    for _ in range(50):
+        a = rng.integers(0, 4, n)  # many ties
+        b = a.copy()
+        for i, j in zip(ci, cj, strict=True):
+            if b[i] > b[j]:
+                b[i], b[j] = b[j], b[i]
+        assert np.array_equal(b, np.sort(a))
