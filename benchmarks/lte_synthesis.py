@@ -17,7 +17,11 @@ the continuum (``--cutoff``, the engine's ``line_cutoff``; ``--cutoff 0``
 evaluates every line on the whole grid); the rms difference to Lightweaver is
 measured with the same setting.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/lte_synthesis.py --threads 2``.
+On the CPU, Stokes I without gradients runs the compiled kernels of
+:mod:`iris_lab.synthesis.fused` (numba); ``--no-fused`` times the torch
+kernels that autodiff uses.
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/lte_synthesis.py --threads 1 --chunk 8``.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cutoff", type=float, default=1e-4,
                         help="line_cutoff of the engine (0: every line on the whole grid)")
+    parser.add_argument("--no-fused", action="store_true",
+                        help="torch kernels only (no numba kernels of iris_lab.synthesis.fused)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -76,12 +82,12 @@ def main() -> None:
     fields = atmospheres(args.n)
     cutoff = args.cutoff or None
     synth = LTESynthesizer(lines, wavelengths, device=args.device, polarized=False,
-                           line_cutoff=cutoff)
+                           line_cutoff=cutoff, fused=not args.no_fused)
     names = ("height", "temperature", "v_los", "v_turb", "n_e", "n_h")
     dev = {k: fields[k].to(args.device) for k in names}
 
     with torch.no_grad():
-        synth.stokes({k: v[:2] for k, v in dev.items()})          # warm-up
+        synth.stokes({k: v[:2] for k, v in dev.items()})          # warm-up (and compile)
         start, cpu = time.perf_counter(), time.process_time()
         for i in range(0, args.n, args.chunk):
             synth.stokes({k: v[i:i + args.chunk] for k, v in dev.items()})
@@ -107,7 +113,7 @@ def main() -> None:
         pops = lwl.lightweaver_populations(ref["eq_pops"], data, ref["atoms"],
                                            subset[i].temperature)
         same = LTESynthesizer(data, wavelengths, populations=pops, polarized=False,
-                              line_cutoff=cutoff)
+                              line_cutoff=cutoff, fused=not args.no_fused)
         with torch.no_grad():
             ours = same.stokes({k: torch.as_tensor(getattr(subset[i], k)) for k in names})
         a = ours[0].numpy() / ours[0].numpy().max()
@@ -120,7 +126,8 @@ def main() -> None:
     print(f"LTE synthesis, {args.n} atmospheres x {len(lines)} lines x {wavelengths.size} "
           f"wavelengths (Stokes I, 51 depths), device {args.device}, "
           f"torch threads {args.threads}, chunks of {args.chunk}, line cutoff "
-          f"{'none' if cutoff is None else cutoff}")
+          f"{'none' if cutoff is None else cutoff}, kernels "
+          f"{'fused (numba)' if synth._fused(dev['temperature']) else 'torch'}")
     print("| code | spectra/s | time for N | per core (spectra/s) | peak RSS |")
     print("|---|---|---|---|---|")
     print(f"| iris_lab LTESynthesizer | {ours_rate:.1f} | {ours_s:.1f} s | "

@@ -104,14 +104,35 @@ def _default_populations(
     species: Sequence[tuple[str, int]], temperature: Tensor, n_e: Tensor, n_h: Tensor,
     abundances: Mapping[str, float] | None,
 ) -> Tensor:
-    """N(stage)/U(stage) [cm⁻³] per species, shape (..., n_species, depth)."""
+    """N(stage)/U(stage) [cm⁻³] per species, shape (..., n_species, depth).
+
+    Saha factors of every element and partition functions of every species
+    are interpolated in one call each (:mod:`iris_lab.eos` tables); hydrogen
+    lines go through :func:`iris_lab.eos.ionisation_fractions`.
+    """
     from iris_lab import eos
 
+    symbols = [eos._symbol(element) for element, _ in species]
+    metals = sorted({s for s in symbols if s != "H"})
+    fractions: dict[str, Tensor] = {}
+    if metals:
+        saha = eos._saha_factors(["H", *metals], temperature)
+        r1 = saha["s1"] / n_e.unsqueeze(-1)                     # (..., D, E)
+        r12 = r1 * saha["s2"] / n_e.unsqueeze(-1)
+        den = 1.0 + r1 + r12
+        stages = (1.0 / den, r1 / den, r12 / den)
+        fractions = {(m, ion): stages[ion - 1][..., i]
+                     for i, m in enumerate(metals) for ion in (1, 2, 3)}
+    for (_, ion), sym in zip(species, symbols, strict=True):
+        if sym == "H":
+            fractions[("H", ion)] = eos.ionisation_fractions("H", temperature, n_e)[..., ion - 1]
+    table = eos._pf_tensor(symbols, temperature.device)           # (S, 3, n_T)
+    rows = table[torch.arange(len(species)), torch.tensor([ion - 1 for _, ion in species])]
+    partition = 10.0 ** eos._interp_log_t(rows, temperature)      # (..., D, S)
     out = []
-    for element, ion in species:
+    for k, ((element, ion), sym) in enumerate(zip(species, symbols, strict=True)):
         eps = 10.0 ** (eos.abundances_value(element, abundances) - 12.0)
-        fraction = eos.ionisation_fractions(element, temperature, n_e)[..., ion - 1]
-        out.append(eps * n_h * fraction / eos.partition_function(element, ion, temperature))
+        out.append(eps * n_h * fractions[(sym, ion)] / partition[..., k])
     return torch.stack(out, dim=-2)
 
 
@@ -248,6 +269,11 @@ class LTESynthesizer:
         ``1e-4`` the 4015–4017 Å spectra change by < 1e-4 of the continuum
         (tested) at about half the cost; the window moves with the
         atmosphere, so use ``None`` for finite-difference derivatives.
+    fused
+        Use the compiled (numba) kernels of :mod:`iris_lab.synthesis.fused`
+        for Stokes I where no derivative is wanted (CPU, no ``requires_grad``,
+        outside ``torch.func`` transforms); same result as torch to rounding.
+        Ignored without numba; ``False`` always runs torch.
 
     Raises
     ------
@@ -279,8 +305,10 @@ class LTESynthesizer:
         n_terms: int = 24,
         polarized: bool = True,
         line_cutoff: float | None = None,
+        fused: bool = True,
     ) -> None:
         self.device = torch.device(device)
+        self.fused = bool(fused)
         self.polarized = bool(polarized)
         self.dtype = torch.float64
         grid = torch.as_tensor(np.asarray(wavelengths_aa, dtype=np.float64)
@@ -445,6 +473,15 @@ class LTESynthesizer:
                 order = "increasing" if scale == "log_tau" else "decreasing"
                 raise ValueError(f"fields[{scale!r}] must be strictly {order} along depth")
         return out
+
+    def _fused(self, *tensors: Tensor) -> bool:
+        """Whether the compiled kernels (:mod:`iris_lab.synthesis.fused`) replace
+        torch here: enabled, and no derivative wanted through ``tensors``."""
+        if not self.fused:
+            return False
+        from iris_lab.synthesis import fused
+
+        return fused.usable(*tensors)
 
     @staticmethod
     def _geometric(fields: Mapping[str, Tensor]) -> bool:
@@ -615,6 +652,14 @@ class LTESynthesizer:
         # evaluated only inside its window.
         n_lambda = self.n_wavelength
         if not self.polarized:
+            if self._fused(eta_c, centre, inv_doppler, damping, strength):
+                from iris_lab.synthesis import fused
+
+                e_i = fused.add_lines(eta_c, self.wavelengths, centre, inv_doppler, damping,
+                                      strength, windows, self.n_terms)
+                zero = torch.zeros_like(eta_c)
+                return ({"i": e_i, "q": zero, "u": zero, "v": zero},
+                        {"q": zero, "u": zero, "v": zero})
             e_i = eta_c
             for k, (j0, j1) in enumerate(windows):
                 if j1 <= j0:
@@ -710,7 +755,12 @@ class LTESynthesizer:
         """
         p = self.propagation(fields, log_gf_offset=log_gf_offset, dlambda=dlambda)
         if not self.polarized:
-            intensity = bezier_intensity(p["tau"], p["planck"])
+            if self._fused(p["tau"], p["planck"]):
+                from iris_lab.synthesis import fused
+
+                intensity = fused.bezier_intensity(p["tau"], p["planck"])
+            else:
+                intensity = bezier_intensity(p["tau"], p["planck"])
             zero = torch.zeros_like(intensity)
             return torch.stack([intensity, zero, zero, zero], dim=-2)
         ratios = [p[k] for k in ("eta_q", "eta_u", "eta_v", "rho_q", "rho_u", "rho_v")]
