@@ -298,3 +298,70 @@ def test_nan_model_pixel_is_flagged_not_fatal():
     assert fit.quality_[1] & FLAG_NAN and not fit.quality_[0] & FLAG_NAN
     # the other three pixels still determine the shared amplitude exactly
     assert float(fit.global_[0]) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_held_parameters_get_zero_step_and_reduced_solution():
+    gen = torch.Generator().manual_seed(3)
+    jl = torch.randn(4, 30, 3, generator=gen, dtype=DT)
+    jg = torch.randn(4, 30, 2, generator=gen, dtype=DT)
+    res = torch.randn(4, 30, generator=gen, dtype=DT)
+    blocks = NormalBlocks.from_jacobians(jl, jg, res)
+    held_l = torch.zeros(4, 3, dtype=torch.bool)
+    held_l[1, 0] = held_l[3, 2] = True
+    held_g = torch.tensor([False, True])
+    dx, dg = schur_solve(blocks.held(held_l, held_g))
+    assert float(dx[held_l].abs().max()) == 0.0 and float(dg[1]) == 0.0
+    # the same as solving the problem without the held columns
+    free_l = (~held_l).to(DT)
+    ref_dx, ref_dg = schur_solve(NormalBlocks.from_jacobians(
+        jl * free_l[:, None, :], jg * (~held_g).to(DT), res).held(held_l, held_g))
+    assert torch.allclose(dx, ref_dx) and torch.allclose(dg, ref_dg)
+    # and as a dense least-squares solve over the free parameters
+    n_pix, n = held_l.shape
+    cols = []
+    for p in range(n_pix):
+        block = torch.zeros(30 * n_pix, n, dtype=DT)
+        block[30 * p:30 * (p + 1)] = jl[p]
+        cols.append(block)
+    big = torch.cat(cols + [jg.reshape(-1, 2)], dim=1)
+    keep = torch.cat([(~held_l).reshape(-1), ~held_g])
+    sol = torch.linalg.lstsq(big[:, keep], -res.reshape(-1, 1)).solution[:, 0]
+    full = torch.zeros(n_pix * n + 2, dtype=DT)
+    full[keep] = sol
+    assert torch.allclose(torch.cat([dx.reshape(-1), dg]), full, atol=1e-10)
+
+
+def test_coupled_reaches_bounded_optimum_of_scipy():
+    local = make_pixels(3, seed=8)
+    gf, dl = true_offsets(seed=9)
+    obs = observe(local, gf, dl, snr=300.0, seed=10)
+    k = ATOMIC.n_parameters
+
+    def fwd(x, g):
+        a, b = ATOMIC.split(g)
+        return spectrum(x, a, b)
+
+    # an upper bound on every pixel's first parameter below its truth: active
+    upper = local[:, 0].min().item() * 0.8
+    lo, hi = [-np.inf, -np.inf, -np.inf], [upper, np.inf, np.inf]
+    x0 = start_local(3).clone()
+    x0[:, 0] = torch.clamp(x0[:, 0], max=upper)
+    cl = CoupledLevenbergMarquardt(max_iter=100, ftol=1e-13).fit(
+        fwd, obs, x0, torch.zeros(k, dtype=DT), local_lower=lo, local_upper=hi)
+
+    def stacked(z):
+        zt = torch.tensor(z, dtype=DT)
+        x, g = zt[:9].reshape(3, 3), zt[9:]
+        return (fwd(x, g.expand(3, k)) - obs).reshape(-1).numpy()
+
+    z0 = np.concatenate([x0.reshape(-1).numpy(), np.zeros(k)])
+    z0 = np.minimum(z0, np.r_[np.tile(hi, 3), np.full(k, np.inf)] - 1e-12)
+    ref = least_squares(stacked, z0, bounds=(np.r_[np.tile(lo, 3), np.full(k, -np.inf)],
+                                              np.r_[np.tile(hi, 3), np.full(k, np.inf)]),
+                        xtol=1e-15, ftol=1e-15, gtol=1e-15)
+    assert float(cl.chi2_.sum()) == pytest.approx(2 * ref.cost, rel=1e-6)
+    assert np.allclose(cl.local_.reshape(-1).numpy(), ref.x[:9], atol=1e-5)
+    assert np.allclose(cl.global_.numpy(), ref.x[9:], atol=1e-5)
+    # the bound binds in some pixels, not all (a pinned parameter must be able to leave)
+    on_bound = np.isclose(cl.local_[:, 0].numpy(), upper)
+    assert on_bound.any() and not on_bound.all()

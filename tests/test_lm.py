@@ -260,3 +260,27 @@ def test_finite_jacobian_step_follows_the_parameter_scale():
     assert torch.allclose(scaled, exact, rtol=1e-2, atol=1e-9)
     _, unit = jacobian(fn, x, "finite", step=1e-4)
     assert float(unit[0, 0, 0]) == 0.0
+
+
+def _bounded_linear_problem():
+    """Correlated linear least squares whose unconstrained optimum has
+    x0 < 0 while the box says x0 ≥ 0 (the bound is active at the solution)."""
+    jac = torch.tensor([[1.0, 1.0], [1.0, 1.2], [1.0, 0.8], [0.3, 1.0]], dtype=DT)
+    truth = torch.tensor([-0.6, 1.5], dtype=DT)
+    obs = (jac @ truth)[None]
+    return jac, obs
+
+
+def test_active_bound_is_held_and_constrained_optimum_found():
+    from scipy.optimize import lsq_linear
+
+    jac, obs = _bounded_linear_problem()
+    lm = LevenbergMarquardt(max_iter=6, lam0=1e-3, ftol=1e-14, uncertainties=False)
+    lm.fit(lambda x: x @ jac.T, obs, torch.tensor([[1.0, 0.0]], dtype=DT),
+           lower=[0.0, -10.0], upper=[10.0, 10.0])
+    ref = lsq_linear(jac.numpy(), obs[0].numpy(), bounds=([0.0, -10.0], [10.0, 10.0]),
+                     tol=1e-14)
+    # a clamped Gauss–Newton step keeps x1's part meant for a negative x0 and
+    # stalls; holding x0 on its bound reaches the constrained optimum at once
+    assert np.allclose(lm.result_.x[0].numpy(), ref.x, atol=1e-8)
+    assert int(lm.result_.quality[0]) & FLAG_AT_BOUND

@@ -76,6 +76,7 @@ from iris_lab.inversion.lm import (
     _as_2d,
     _weighted_data,
     batched_finite_jacobian,
+    blocked_at_bounds,
 )
 from iris_lab.inversion.lm import jacobian as lm_jacobian
 
@@ -137,6 +138,22 @@ class NormalBlocks:
         c_s = self.C / (dg[:, None] * dg[None, :]) + lam * eye_k
         return (NormalBlocks(A=a_s, B=b_s, C=c_s, a=self.a / dl, c=self.c / dg, chi2=self.chi2),
                 dl, dg)
+
+    def held(self, local: torch.Tensor, glob: torch.Tensor) -> NormalBlocks:
+        """The same system with some parameters held (zero step): their rows
+        and columns are removed and replaced by a unit diagonal.
+
+        Parameters
+        ----------
+        local, glob
+            ``(P, n)`` and ``(k,)`` bool masks of the held parameters.
+        """
+        fl = (~local).to(self.A.dtype)
+        fg = (~glob).to(self.C.dtype)
+        a_h = self.A * fl[:, :, None] * fl[:, None, :] + torch.diag_embed(local.to(self.A.dtype))
+        c_h = self.C * fg[:, None] * fg[None, :] + torch.diag(glob.to(self.C.dtype))
+        return NormalBlocks(A=a_h, B=self.B * fl[:, :, None] * fg[None, None, :], C=c_h,
+                            a=self.a * fl, c=self.c * fg, chi2=self.chi2)
 
 
 def _cholesky(a: torch.Tensor) -> torch.Tensor:
@@ -477,6 +494,11 @@ class CoupledLevenbergMarquardt:
         for it in iterator:
             t_it = time.perf_counter()
             scaled, dl, dgs = blocks.damped(lam)
+            # hold the parameters on a bound that the descent direction leaves
+            held_l = blocked_at_bounds(x, blocks.a, lo, hi)
+            held_g = blocked_at_bounds(g, blocks.c, glo, ghi)
+            if bool(held_l.any() or held_g.any()):
+                scaled = scaled.held(held_l, held_g)
             dx_s, dg_s = schur_solve(scaled)
             x_try = torch.minimum(torch.maximum(x + dx_s / dl, lo), hi)
             g_try = torch.minimum(torch.maximum(g + dg_s / dgs, glo), ghi)

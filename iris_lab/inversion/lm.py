@@ -234,8 +234,30 @@ def _weighted_data(obs: torch.Tensor, sigma: Any, weights: Any, dtype, device
     return obs, torch.sqrt(wts) / sig
 
 
-def solve_damped(jac: torch.Tensor, res: torch.Tensor, lam: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def blocked_at_bounds(x: torch.Tensor, descent: torch.Tensor, lower: torch.Tensor,
+                      upper: torch.Tensor) -> torch.Tensor:
+    """The active set of a box-bounded least-squares step: parameters on a
+    bound where the descent direction ``−∇χ²`` points out of the box.
+
+    The solvers hold these (zero step) and solve for the others, as in a
+    projected Newton method (Bertsekas 1982): clamping a full Gauss–Newton
+    step instead changes its direction and usually makes it fail, and
+    judging by the sign of the step rather than of the gradient can pin a
+    parameter that ought to leave its bound.
+
+    Example
+    -------
+    >>> import torch
+    >>> blocked_at_bounds(torch.tensor([0.0, 0.5, 1.0, 0.0]),
+    ...                   torch.tensor([-1.0, -1.0, -1.0, 1.0]),
+    ...                   torch.zeros(4), torch.ones(4)).tolist()
+    [True, False, False, False]
+    """
+    return ((x <= lower) & (descent < 0)) | ((x >= upper) & (descent > 0))
+
+
+def solve_damped(jac: torch.Tensor, res: torch.Tensor, lam: torch.Tensor,
+                 held: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Marquardt-scaled damped Gauss–Newton step, batched over pixels.
 
     Parameters
@@ -246,6 +268,9 @@ def solve_damped(jac: torch.Tensor, res: torch.Tensor, lam: torch.Tensor
         Weighted residual ``(p, m)``.
     lam
         Marquardt parameter ``(p,)``.
+    held
+        Parameters to hold (zero step), ``(p, n)`` bool, e.g. the active set
+        :func:`blocked_at_bounds`.
 
     Returns
     -------
@@ -261,6 +286,8 @@ def solve_damped(jac: torch.Tensor, res: torch.Tensor, lam: torch.Tensor
     >>> step.tolist()
     [[-1.0, 2.0]]
     """
+    if held is not None:
+        jac = jac * (~held).to(jac.dtype)[:, None, :]
     scale = torch.linalg.vector_norm(jac, dim=-2)                    # (p, n)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     js = jac / scale[:, None, :]
@@ -726,7 +753,9 @@ class LevenbergMarquardt:
                 idx, jw, r_a = idx[keep], jw[keep], r_a[keep]
                 if idx.numel() == 0:
                     break
-            step, _ = solve_damped(jw, r_a, lam[idx])
+            descent = -(jw.transpose(-1, -2) @ r_a[..., None])[..., 0]
+            held = blocked_at_bounds(x[idx], descent, lo, hi)
+            step, _ = solve_damped(jw, r_a, lam[idx], held if bool(held.any()) else None)
             x_try = torch.minimum(torch.maximum(x[idx] + step, lo), hi)
             eval_idx = idx if subset else all_idx
             if subset:
