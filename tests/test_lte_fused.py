@@ -106,3 +106,16 @@ def test_gradient_through_the_engine_still_flows():
     with torch.no_grad():
         plain = synth.stokes(f)[..., 0, :].sum()
     assert float(abs(plain - intensity.detach()) / plain) < 1e-10
+
+
+def test_without_numba_the_torch_path_runs(monkeypatch):
+    """``fused.available() is False`` (no numba) → torch kernels, same spectra."""
+    lines = LineList.shipped("4015_4017")
+    synth = LTESynthesizer(lines, np.linspace(4015.5, 4016.0, 41), polarized=False)
+    f = _fields(2)
+    with torch.no_grad():
+        compiled = synth.stokes(f)
+        monkeypatch.setattr(fused, "available", lambda: False)
+        assert not synth._fused(f["temperature"])
+        plain = synth.stokes(f)
+    assert float((compiled - plain).abs().max() / plain.abs().max()) < 1e-10

@@ -17,6 +17,10 @@ emergent Stokes vector ``(..., 4, wavelength)`` of a list of blended lines:
    Landolfi 2004, eqs. 9.32);
 4. the DELO-Bézier formal solver (:mod:`iris_lab.synthesis.formal`) at any μ.
 
+Stokes I without gradients on the CPU runs compiled (numba) kernels for the
+line opacity and the formal solver (:mod:`iris_lab.synthesis.fused`, same
+arithmetic); everything else, and every derivative, is torch.
+
 Everything is float64 torch with no data-dependent control flow inside the
 synthesis, so ``torch.func.jacfwd`` / ``vmap`` give response functions to the
 atmosphere and to per-line ``log_gf_offset`` and ``dlambda``
