@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-epochs", type=int, default=400)
     p.add_argument("--patience", type=int, default=100)
     p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--lr-final", type=float, default=0.004,
+                   help="learning rate at max-epochs as a fraction of --lr (exponential decay)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-minutes", type=float, default=None,
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(width=args.width, hidden=args.hidden, n_latent=args.n_latent,
               n_blocks=args.n_blocks, batch_size=args.batch_size,
               batches_per_epoch=args.batches_per_epoch, max_epochs=args.max_epochs,
-              patience=args.patience, lr=args.lr, seed=args.seed, device=args.device,
+              patience=args.patience, lr=args.lr, lr_final=args.lr_final, seed=args.seed,
+              device=args.device,
               checkpoint=args.checkpoint)
     t0 = time.monotonic()
     while True:
