@@ -270,8 +270,9 @@ class CoupledLevenbergMarquardt:
         Relative total-χ² decrease under which an accepted step converges.
     n_perturbations, perturbation_scale
         Number of perturbation restarts after stalls and the standard
-        deviation of the local perturbation (fraction of the bound range, or
-        of ``|x| + 1`` for unbounded parameters).
+        deviation of the local perturbation, as a fraction of the parameter's
+        typical size (mean ``|x| + 1`` over the pixels at the start), capped
+        by its bound width.
     global_perturbation_scale
         Same for the global parameters (default 0: kept).
     stall_iterations, stall_ftol
@@ -462,8 +463,10 @@ class CoupledLevenbergMarquardt:
         if checkpoint is not None and Path(checkpoint).exists():
             x, g, state = self._read_checkpoint(checkpoint, x, g)
         gen = torch.Generator(device="cpu").manual_seed(self.seed + state["perturbations"])
-        span_l = torch.where(torch.isfinite(hi - lo), hi - lo, x.abs().mean(0) + 1.0)
-        span_g = torch.where(torch.isfinite(ghi - glo), ghi - glo, g.abs() + 1.0)
+        # perturbation scales: the typical size of a parameter, capped by its
+        # bound width (a wide box, T in 2800–1e5 K, would give kicks of ~5000 K)
+        span_l = torch.minimum(hi - lo, x.abs().mean(0) + 1.0)
+        span_g = torch.minimum(ghi - glo, g.abs() + 1.0)
         self._fd_scale = _bound_scale(lo, hi, glo, ghi)
 
         t0 = time.perf_counter()
