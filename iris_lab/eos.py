@@ -7,8 +7,9 @@ API summary
 ``element_data(symbol) -> ElementInfo``
     Z, mass [amu], log ε and ionisation energies [eV] of one element.
 ``partition_function(element, ion, temperature) -> Tensor``
-    Kurucz partition function U(T) of stage ``ion`` (1 = neutral, 2, 3).
-``ionisation_fractions(element, temperature, n_e) -> Tensor (..., 3)``
+    Kurucz partition function U(T) of stage ``ion`` (1 = neutral, 2, 3);
+    ``partition_functions(species, temperature)`` for several at once.
+``ionisation_fractions(element(s), temperature, n_e) -> Tensor (..., [E,] 3)``
     LTE (Saha) fractions of stages I, II, III at given T and n_e.
 ``solve_ionisation(temperature, p_gas, *, abundances=None, n_e_guess=None) -> dict``
     Electron density from charge conservation (H, H⁻, He and the metals with
@@ -50,7 +51,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,11 +203,26 @@ def partition_function(element: str | int, ion: int, temperature) -> Tensor:
     >>> 20 < float(partition_function("Fe", 1, torch.tensor(5000.0))) < 35
     True
     """
+    return partition_functions([(element, ion)], temperature)[..., 0]
+
+
+def partition_functions(species: Sequence[tuple[str | int, int]], temperature) -> Tensor:
+    """Partition functions of several ``(element, ion)`` species in one
+    interpolation, shape ``(..., n_species)``.
+
+    Example
+    -------
+    >>> import torch
+    >>> partition_functions([("H", 1), ("Fe", 2)], torch.ones(4) * 5000.0).shape
+    torch.Size([4, 2])
+    """
     t = _as64(temperature)
-    if ion not in (1, 2, 3):
-        raise ValueError(f"ion stage must be 1, 2 or 3, got {ion}")
-    tab = _pf_tensor([_symbol(element)], t.device)[0, ion - 1]
-    return 10.0 ** _interp_log_t(tab, t)
+    ions = [int(ion) for _, ion in species]
+    if any(ion not in (1, 2, 3) for ion in ions):
+        raise ValueError(f"ion stages must be 1, 2 or 3, got {ions}")
+    table = _pf_tensor([_symbol(element) for element, _ in species], t.device)  # (S, 3, n_T)
+    rows = table[torch.arange(len(ions)), torch.tensor(ions) - 1]
+    return 10.0 ** _interp_log_t(rows, t)
 
 
 @functools.lru_cache(maxsize=16)
@@ -287,11 +303,13 @@ def _charge_moments(sf: dict[str, Tensor], inv_ne: Tensor, n_e: Tensor, mix: _Mi
     return q, var, (r_p, r_m, inv_den_h, inv_den_he)
 
 
-def ionisation_fractions(element: str | int, temperature, n_e) -> Tensor:
+def ionisation_fractions(element: str | int | Sequence[str | int], temperature,
+                         n_e) -> Tensor:
     """LTE fractions of stages I, II, III of ``element`` at T [K] and n_e [cm⁻³].
 
     Returns (..., 3), summing to 1 (for H: H I, H II and 0; H⁻, < 1e-7 of H I
-    in the photosphere, is counted in H I here).
+    in the photosphere, is counted in H I here); for a sequence of elements
+    (..., n_elements, 3), from one interpolation of the Saha factors.
 
     Example
     -------
@@ -299,20 +317,27 @@ def ionisation_fractions(element: str | int, temperature, n_e) -> Tensor:
     >>> f = ionisation_fractions("Fe", torch.tensor(5800.0), torch.tensor(1e13))
     >>> 0.8 < float(f[1]) < 1.0
     True
+    >>> ionisation_fractions(["H", "Fe", "Ti"], torch.tensor(5800.0), torch.tensor(1e13)).shape
+    torch.Size([3, 3])
     """
     t = _as64(temperature)
     ne = _as64(n_e, t.device)
     _check("temperature", t)
     _check("n_e", ne)
-    sym = _symbol(element)
-    sf = _saha_factors(["H", sym], t)
-    if sym == "H":
-        r1, r12 = sf["s_h"] / ne, torch.zeros_like(sf["s_h"] / ne)
-    else:
-        r1 = sf["s1"][..., 0] / ne
-        r12 = r1 * sf["s2"][..., 0] / ne
+    many = not isinstance(element, (str, int))
+    symbols = [_symbol(e) for e in (element if many else [element])]
+    metals = list(dict.fromkeys(s for s in symbols if s != "H"))
+    sf = _saha_factors(["H", *(metals or ["H"])], t)      # at least one metal row
+    ne_ = ne.unsqueeze(-1)
+    r1_h = (sf["s_h"] / ne).unsqueeze(-1)
+    r1 = torch.cat([r1_h, sf["s1"][..., :len(metals)] / ne_], -1)          # (..., 1 + M)
+    r12 = torch.cat([torch.zeros_like(r1_h),
+                     r1[..., 1:] * sf["s2"][..., :len(metals)] / ne_], -1)
+    pick = [0 if s == "H" else 1 + metals.index(s) for s in symbols]
+    r1, r12 = r1[..., pick], r12[..., pick]
     den = 1.0 + r1 + r12
-    return torch.stack([1.0 / den, r1 / den, r12 / den], dim=-1)
+    out = torch.stack([1.0 / den, r1 / den, r12 / den], dim=-1)              # (..., E, 3)
+    return out if many else out[..., 0, :]
 
 
 def _check(name: str, x: Tensor) -> None:

@@ -110,34 +110,19 @@ def _default_populations(
 ) -> Tensor:
     """N(stage)/U(stage) [cm⁻³] per species, shape (..., n_species, depth).
 
-    Saha factors of every element and partition functions of every species
-    are interpolated in one call each (:mod:`iris_lab.eos` tables); hydrogen
-    lines go through :func:`iris_lab.eos.ionisation_fractions`.
+    Ionisation fractions and partition functions of all species come from
+    one interpolation each (:func:`iris_lab.eos.ionisation_fractions`,
+    :func:`iris_lab.eos.partition_functions`).
     """
     from iris_lab import eos
 
-    symbols = [eos._symbol(element) for element, _ in species]
-    metals = sorted({s for s in symbols if s != "H"})
-    fractions: dict[str, Tensor] = {}
-    if metals:
-        saha = eos._saha_factors(["H", *metals], temperature)
-        r1 = saha["s1"] / n_e.unsqueeze(-1)                     # (..., D, E)
-        r12 = r1 * saha["s2"] / n_e.unsqueeze(-1)
-        den = 1.0 + r1 + r12
-        stages = (1.0 / den, r1 / den, r12 / den)
-        fractions = {(m, ion): stages[ion - 1][..., i]
-                     for i, m in enumerate(metals) for ion in (1, 2, 3)}
-    for (_, ion), sym in zip(species, symbols, strict=True):
-        if sym == "H":
-            fractions[("H", ion)] = eos.ionisation_fractions("H", temperature, n_e)[..., ion - 1]
-    table = eos._pf_tensor(symbols, temperature.device)           # (S, 3, n_T)
-    rows = table[torch.arange(len(species)), torch.tensor([ion - 1 for _, ion in species])]
-    partition = 10.0 ** eos._interp_log_t(rows, temperature)      # (..., D, S)
-    out = []
-    for k, ((element, ion), sym) in enumerate(zip(species, symbols, strict=True)):
-        eps = 10.0 ** (eos.abundances_value(element, abundances) - 12.0)
-        out.append(eps * n_h * fractions[(sym, ion)] / partition[..., k])
-    return torch.stack(out, dim=-2)
+    fractions = eos.ionisation_fractions([e for e, _ in species], temperature, n_e)
+    stage = torch.tensor([ion - 1 for _, ion in species], device=fractions.device)
+    fraction = torch.gather(fractions, -1, stage.expand(*fractions.shape[:-1])[..., None])
+    partition = eos.partition_functions(species, temperature)                 # (..., D, S)
+    eps = torch.tensor([10.0 ** (eos.abundances_value(e, abundances) - 12.0) for e, _ in species],
+                       dtype=partition.dtype, device=partition.device)
+    return (eps * n_h.unsqueeze(-1) * fraction[..., 0] / partition).transpose(-1, -2)
 
 
 def _default_continuum(
