@@ -95,7 +95,7 @@ def iteration_cost(pixels, seed: int = 0) -> None:
     notebook's 5-line problem, the paper's node layout): Jacobians by batched
     forward differences, normal-equation blocks, Schur solve, trial model."""
     from iris_lab.atomic import LineList
-    from iris_lab.inversion.experiment import SMALL_LINES, small_log_tau
+    from iris_lab.inversion.experiment import SMALL_LINES, small_log_tau, window_wavelengths
     from iris_lab.inversion.lm import _weighted_data
     from iris_lab.inversion.lte import LTEForward, default_nodes, quiet_sun_start
     from iris_lab.nodes import NodeModel
@@ -103,8 +103,7 @@ def iteration_cost(pixels, seed: int = 0) -> None:
     from iris_lab.worlds.photosphere import sample_photosphere_fov, synthesize_fov
 
     lines = LineList.shipped("4015_4017").select(list(SMALL_LINES))
-    centres = np.asarray(lines.wavelength_air)
-    wave = np.round(np.arange(centres.min() - 0.07, centres.max() + 0.07 + 1e-9, 0.02), 4)
+    wave = window_wavelengths(lines.wavelength_air)
     model = NodeModel(default_nodes(), log_tau=small_log_tau())
     synth = LTESynthesizer(lines, wave)
     i_c = float(np.asarray(synth.continuum_intensity().detach()).ravel()[0])
@@ -236,22 +235,22 @@ def lte(ny: int, nx: int, snrs, modes, max_iter: int, *, lines: str, grid: str,
     :func:`iris_lab.inversion.experiment.run_coupled_experiment` (the same
     code the notebook runs); one table per S/N, each result written to
     ``<out>_snr<S/N>.nc`` when ``out`` is given."""
+    from iris_lab.atomic import LineList
     from iris_lab.inversion.experiment import (
         SMALL_LINES,
         run_coupled_experiment,
         small_log_tau,
         summary_table,
+        window_wavelengths,
     )
     from iris_lab.inversion.lte import default_nodes
     from iris_lab.worlds.photosphere import photosphere_log_tau
 
     line_idx = list(range(18)) if lines == "all" else list(SMALL_LINES)
     log_tau = photosphere_log_tau() if grid == "fine" else small_log_tau()
+    centres = LineList.shipped("4015_4017").select(line_idx).wavelength_air
+    wave = window_wavelengths(centres, step)
     for snr in snrs:
-        from iris_lab.atomic import LineList
-
-        centres = np.asarray(LineList.shipped("4015_4017").select(line_idx).wavelength_air)
-        wave = np.round(np.arange(centres.min() - 0.07, centres.max() + 0.07 + 1e-9, step), 4)
         t0 = time.perf_counter()
         ds = run_coupled_experiment(ny, nx, lines=line_idx, wavelengths=wave, log_tau=log_tau,
                                     nodes=default_nodes(), snr=snr, modes=modes,

@@ -73,6 +73,7 @@ TEMPERATURE_FLOOR = 2800.0
 #: and linear extrapolation (nodes inside their bounds can still extrapolate
 #: to a negative v_turb or B beyond the end nodes).
 PHYSICAL_RANGE: dict[str, tuple[float, float]] = {
+    "temperature": (TEMPERATURE_FLOOR, np.inf),
     "v_turb": (0.0, np.inf),
     "b_field": (0.0, np.inf),
     "inclination": (0.0, np.pi),
@@ -392,8 +393,7 @@ class NodeModel:
                 # reference gradient below the deepest node (globin's convention)
                 deep = t_last + (self._t_reference - self._t_reference_at_last_node)
                 values = torch.where(grid > last, deep, values)
-                values = torch.clamp(values, min=TEMPERATURE_FLOOR)
-            elif name in PHYSICAL_RANGE:
+            if name in PHYSICAL_RANGE:
                 low, high = PHYSICAL_RANGE[name]
                 values = torch.clamp(values, min=low, max=None if np.isinf(high) else high)
             out[name] = values

@@ -176,7 +176,9 @@ def test_mode1_and_averaged_mode():
     assert av.dataset_["local"].shape == (6, 3)
 
 
-def test_coupled_matches_scipy_on_stacked_problem():
+def _three_pixel_problem():
+    """Three pixels with noise, the coupled forward model and the same
+    residual as one stacked vector function (for scipy)."""
     local = make_pixels(3, seed=8)
     gf, dl = true_offsets(seed=9)
     obs = observe(local, gf, dl, snr=300.0, seed=10)
@@ -186,13 +188,18 @@ def test_coupled_matches_scipy_on_stacked_problem():
         a, b = ATOMIC.split(g)
         return spectrum(x, a, b)
 
-    cl = CoupledLevenbergMarquardt(max_iter=100, ftol=1e-13).fit(
-        fwd, obs, start_local(3), torch.zeros(k, dtype=DT))
-
     def stacked(z):
         zt = torch.tensor(z, dtype=DT)
         x, g = zt[:9].reshape(3, 3), zt[9:]
         return (fwd(x, g.expand(3, k)) - obs).reshape(-1).numpy()
+
+    return local, obs, k, fwd, stacked
+
+
+def test_coupled_matches_scipy_on_stacked_problem():
+    _, obs, k, fwd, stacked = _three_pixel_problem()
+    cl = CoupledLevenbergMarquardt(max_iter=100, ftol=1e-13).fit(
+        fwd, obs, start_local(3), torch.zeros(k, dtype=DT))
 
     z0 = np.concatenate([start_local(3).reshape(-1).numpy(), np.zeros(k)])
     ref = least_squares(stacked, z0, method="lm", xtol=1e-15, ftol=1e-15)
@@ -332,15 +339,7 @@ def test_held_parameters_get_zero_step_and_reduced_solution():
 
 
 def test_coupled_reaches_bounded_optimum_of_scipy():
-    local = make_pixels(3, seed=8)
-    gf, dl = true_offsets(seed=9)
-    obs = observe(local, gf, dl, snr=300.0, seed=10)
-    k = ATOMIC.n_parameters
-
-    def fwd(x, g):
-        a, b = ATOMIC.split(g)
-        return spectrum(x, a, b)
-
+    local, obs, k, fwd, stacked = _three_pixel_problem()
     # an upper bound on every pixel's first parameter below its truth: active
     upper = local[:, 0].min().item() * 0.8
     lo, hi = [-np.inf, -np.inf, -np.inf], [upper, np.inf, np.inf]
@@ -348,12 +347,6 @@ def test_coupled_reaches_bounded_optimum_of_scipy():
     x0[:, 0] = torch.clamp(x0[:, 0], max=upper)
     cl = CoupledLevenbergMarquardt(max_iter=100, ftol=1e-13).fit(
         fwd, obs, x0, torch.zeros(k, dtype=DT), local_lower=lo, local_upper=hi)
-
-    def stacked(z):
-        zt = torch.tensor(z, dtype=DT)
-        x, g = zt[:9].reshape(3, 3), zt[9:]
-        return (fwd(x, g.expand(3, k)) - obs).reshape(-1).numpy()
-
     z0 = np.concatenate([x0.reshape(-1).numpy(), np.zeros(k)])
     z0 = np.minimum(z0, np.r_[np.tile(hi, 3), np.full(k, np.inf)] - 1e-12)
     ref = least_squares(stacked, z0, bounds=(np.r_[np.tile(lo, 3), np.full(k, -np.inf)],

@@ -80,6 +80,18 @@ def small_log_tau() -> np.ndarray:
     return np.round(np.arange(-3.6, 1.0 + 1e-9, 0.2), 2)
 
 
+def window_wavelengths(centres: Any, step: float = 0.02, margin: float = 0.07) -> np.ndarray:
+    """The experiment's wavelength grid: the lines' span ± ``margin`` [Å] at ``step``.
+
+    Example
+    -------
+    >>> window_wavelengths([4016.42, 4016.54]).size
+    14
+    """
+    c = np.asarray(centres, dtype=float)
+    return np.round(np.arange(c.min() - margin, c.max() + margin + 1e-9, step), 4)
+
+
 def line_labels(lines: Any) -> list[str]:
     """Labels ``"Fe I 4016.419"`` of the lines of a :class:`~iris_lab.atomic.LineList`.
 
@@ -257,10 +269,8 @@ def run_coupled_experiment(
         LineList.shipped("4015_4017").select(list(lines))
     n_lines = len(line_list)
     centres = np.asarray(line_list.wavelength_air, dtype=float)
-    if wavelengths is None:
-        wavelengths = np.round(np.arange(centres.min() - 0.07, centres.max() + 0.07 + 1e-9,
-                                         0.02), 3)
-    wave = np.asarray(wavelengths, dtype=float)
+    wave = window_wavelengths(centres) if wavelengths is None else \
+        np.asarray(wavelengths, dtype=float)
     if atmosphere is None:
         grid = small_log_tau() if log_tau is None else np.asarray(log_tau, dtype=float)
         atm, family = sample_photosphere_fov(ny, nx, seed=fov_seed, log_tau=grid)
