@@ -84,8 +84,11 @@ def atmosphere_to_x(n_e: np.ndarray, temperature: np.ndarray, v_los: np.ndarray)
     return np.concatenate([np.log10(n_e), np.log10(temperature), v], axis=-1).astype(np.float32)
 
 
-def x_to_atmosphere(x: np.ndarray, n_height: int) -> dict[str, np.ndarray]:
+def x_to_atmosphere(x: np.ndarray | torch.Tensor, n_height: int) -> dict[str, np.ndarray]:
     """Invert :func:`atmosphere_to_x`: ``(..., 3 n)`` → dict of ``(..., n)`` CGS arrays.
+
+    Computed in (multi-threaded) torch float64, which pays for large draw sets;
+    ``x`` may be a numpy array or a tensor.
 
     Example
     -------
@@ -94,20 +97,11 @@ def x_to_atmosphere(x: np.ndarray, n_height: int) -> dict[str, np.ndarray]:
     >>> float(out["n_e"][0]), float(out["temperature"][0]), round(float(out["v_los"][0]))
     (100000000000.0, 10000.0, -900000)
     """
-    x = np.asarray(x, dtype=np.float64)
+    x = torch.as_tensor(x).to(torch.float64)
     le, lt, lv = (x[..., i * n_height:(i + 1) * n_height] for i in range(3))
-    v = np.sign(lv) * (10.0 ** np.abs(lv) - 1.0) * 1e5
-    return {"n_e": 10.0 ** le, "temperature": 10.0 ** lt, "v_los": v}
-
-
-def _x_to_atmosphere_torch(x: torch.Tensor, n_height: int) -> dict[str, np.ndarray]:
-    """:func:`x_to_atmosphere` in (multi-threaded) torch float64, for large draw sets."""
-    x = x.to(torch.float64)
-    ln10 = math.log(10.0)
-    le, lt, lv = (x[..., i * n_height:(i + 1) * n_height] for i in range(3))
-    v = torch.expm1(lv.abs() * ln10).mul_(torch.sign(lv) * 1e5)
-    return {"n_e": torch.exp(le * ln10).cpu().numpy(),
-            "temperature": torch.exp(lt * ln10).cpu().numpy(), "v_los": v.cpu().numpy()}
+    v = torch.pow(10.0, lv.abs()).sub_(1.0).mul_(torch.sign(lv) * 1e5)
+    return {"n_e": torch.pow(10.0, le).cpu().numpy(),
+            "temperature": torch.pow(10.0, lt).cpu().numpy(), "v_los": v.cpu().numpy()}
 
 
 def normalise_profiles(halpha: np.ndarray, ca8542: np.ndarray) -> np.ndarray:
@@ -731,7 +725,7 @@ class FlareINN:
         gen = torch.Generator(device=self.device).manual_seed(self.seed if seed is None else seed)
         xr = self.sample_x(torch.from_numpy(y.reshape(-1, self.n_y)), n_draws, generator=gen,
                            max_rows=max_rows)
-        atm = _x_to_atmosphere_torch(xr, self.n_height_)
+        atm = x_to_atmosphere(xr, self.n_height_)
         return {k: v.reshape(*batch, n_draws, self.n_height_) for k, v in atm.items()}
 
     def predict_profiles(self, n_e: np.ndarray, temperature: np.ndarray,
