@@ -119,3 +119,117 @@ def test_without_numba_the_torch_path_runs(monkeypatch):
         assert not synth._fused(f["temperature"])
         plain = synth.stokes(f)
     assert float((compiled - plain).abs().max() / plain.abs().max()) < 1e-10
+
+
+# ---------------------------------------------------------------------------
+# Polarized (Stokes IQUV) path
+SMALL = (11, 12, 13, 14, 15)
+
+
+def _magnetic(fields: dict[str, torch.Tensor], b_field, inclination, azimuth
+              ) -> dict[str, torch.Tensor]:
+    """``fields`` (n, D) with per-pixel B [G], γ, χ [rad] (B decreasing with height
+    scaled to the given value at the bottom)."""
+    n, depth = fields["temperature"].shape
+    profile = torch.linspace(0.6, 1.0, depth, dtype=torch.float64)
+    col = lambda x: torch.as_tensor(x, dtype=torch.float64).reshape(n, 1)  # noqa: E731
+    return {**fields, "b_field": col(b_field) * profile,
+            "inclination": col(inclination).expand(n, depth),
+            "azimuth": col(azimuth).expand(n, depth)}
+
+
+def _relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |Δ| over every Stokes parameter, relative to Stokes I (…, 4, λ)."""
+    return float(((ours - reference).abs() / reference[..., :1, :].abs()).max())
+
+
+def _pair(lines, grid, **kw) -> tuple[LTESynthesizer, LTESynthesizer]:
+    return (LTESynthesizer(lines, grid, fused=False, **kw), LTESynthesizer(lines, grid, **kw))
+
+
+@pytest.mark.parametrize("cutoff", [None, 1e-4])
+def test_fused_iquv_equals_torch_path_geometric(cutoff):
+    """Height scale with densities: B = 0 … 3 kG, γ near 0, π/2, π, χ ≠ 0,
+    velocities, per-pixel log gf offsets and line shifts."""
+    lines = LineList.shipped("4015_4017").select(list(SMALL))
+    grid = np.linspace(4016.0, 4016.9, 61)
+    f = _magnetic(_fields(5, seed=3), [0.0, 3000.0, 800.0, 3000.0, 1500.0],
+                  [1e-3, np.pi / 2, np.pi - 1e-3, 0.7, 2.3], [0.0, 0.4, 1.2, 2.9, -0.8])
+    rng = np.random.default_rng(4)
+    offset = torch.tensor(rng.normal(0.0, 0.3, (5, len(SMALL))))
+    shift = torch.tensor(rng.normal(0.0, 0.01, (5, len(SMALL))))
+    torch_path, compiled = _pair(lines, grid, line_cutoff=cutoff)
+    with torch.no_grad():
+        reference = torch_path.stokes(f, log_gf_offset=offset, dlambda=shift)
+        ours = compiled.stokes(f, log_gf_offset=offset, dlambda=shift)
+    assert ours.shape == (5, 4, 61)
+    assert _relative(ours, reference) < 1e-10
+    # a wrong sign or factor of Q, U or V would show: all are far above 1e-10 of I
+    for s in (1, 2, 3):
+        assert float((reference[1:, s].abs() / reference[1:, 0]).max()) > 1e-3
+
+
+def test_fused_iquv_equals_torch_path_log_tau_and_batch_dims():
+    """log τ500 scale (hydrostatic equilibrium), batch shape (2, 3), μ < 1."""
+    lines = LineList.shipped("4015_4017").select(list(SMALL))
+    grid = np.linspace(4016.2, 4016.7, 28)
+    depth = 24
+    log_tau = torch.linspace(-3.6, 1.0, depth, dtype=torch.float64)
+    t0 = torch.tensor(np.interp(log_tau.numpy(), FALC.log_tau, FALC.temperature))
+    rng = np.random.default_rng(5)
+    f = {"log_tau": log_tau.expand(6, depth),
+         "temperature": t0 * torch.tensor(1.0 + 0.03 * rng.standard_normal((6, 1))),
+         "v_los": torch.tensor(rng.uniform(-3e5, 3e5, (6, depth))),
+         "v_turb": torch.tensor(rng.uniform(0.0, 2e5, (6, 1))).expand(6, depth)}
+    f = _magnetic(f, [0.0, 3000.0, 2000.0, 500.0, 3000.0, 1000.0],
+                  [0.5, 1e-4, np.pi / 2, 2.0, np.pi - 1e-4, 1.0],
+                  [0.3, 0.0, 1.0, 2.0, 3.0, -1.0])
+    f = {k: v.reshape(2, 3, depth) for k, v in f.items()}
+    shift = torch.tensor(rng.normal(0.0, 0.01, (2, 3, len(SMALL))))
+    torch_path, compiled = _pair(lines, grid, mu=0.6)
+    with torch.no_grad():
+        reference = torch_path.stokes(f, dlambda=shift)
+        ours = compiled.stokes(f, dlambda=shift)
+    assert ours.shape == (2, 3, 4, 28)
+    assert _relative(ours, reference) < 1e-10
+
+
+def test_fused_delo_bezier_equals_torch_strong_polarization():
+    """Random ratios up to 0.6 (strong dichroism and dispersion), steps on
+    both sides of the series threshold, non-monotonic sources."""
+    rng = np.random.default_rng(6)
+    steps = 10.0 ** rng.uniform(-4.0, 0.7, (30, 40))
+    tau = torch.tensor(np.cumsum(steps, axis=-1) + 1e-6)
+    planck = torch.tensor(1.0 + rng.uniform(-0.3, 1.0, (30, 40)).cumsum(-1))
+    ratios = [torch.tensor(rng.uniform(-0.35, 0.35, (30, 40))) for _ in range(6)]
+    reference = formal.delo_bezier(tau, planck, ratios)
+    ours = fused.delo_bezier(tau, planck, ratios)
+    assert ours.shape == (30, 4)
+    assert float(((ours - reference).abs() / reference[:, :1]).max()) < 1e-10
+    # the comparison is sensitive: a sign error in η_V would be caught
+    flipped = fused.delo_bezier(tau, planck, [*ratios[:2], -ratios[2], *ratios[3:]])
+    assert float(((flipped - reference).abs() / reference[:, :1]).max()) > 1e-3
+
+
+def test_polarized_derivatives_take_the_torch_path(monkeypatch):
+    """Response functions (torch.func.jvp) and autograd never call the
+    compiled polarized kernels, and agree with the compiled forward."""
+    lines = LineList.shipped("4015_4017").select([12])
+    synth = LTESynthesizer(lines, np.linspace(4016.3, 4016.55, 11))
+    f = _magnetic(_fields(1), [1500.0], [0.8], [0.5])
+    with torch.no_grad():
+        plain = synth.stokes(f)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled kernel called where a derivative is wanted")
+
+    monkeypatch.setattr(fused, "polarized_lines", refuse)
+    monkeypatch.setattr(fused, "delo_bezier", refuse)
+    response = synth.response_functions(f, ("b_field",))["b_field"]
+    assert response.shape == (1, 4, 11, f["temperature"].shape[-1])
+    assert float(response[:, 3].abs().max()) > 0.0
+    b = f["b_field"].clone().requires_grad_()
+    stokes = synth.stokes({**f, "b_field": b})
+    stokes[..., 3, :].sum().backward()
+    assert b.grad is not None and float(b.grad.abs().max()) > 0.0
+    assert _relative(stokes.detach(), plain) < 1e-10

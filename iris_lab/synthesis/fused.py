@@ -46,7 +46,7 @@ from iris_lab.synthesis.profiles import (
     weideman_coefficients,
 )
 
-__all__ = ["add_lines", "available", "bezier_intensity", "usable"]
+__all__ = ["add_lines", "available", "bezier_intensity", "delo_bezier", "polarized_lines", "usable"]
 
 _TWO_OVER_PI = 2.0 / math.pi
 _SQRT_PI_INV = 1.0 / math.sqrt(math.pi)
@@ -314,6 +314,260 @@ def _horner9(c, x):
               + c[2]) * x + c[1]) * x + c[0])
 
 
+def _polarized_lines(acc, lam, centre, inv_doppler, damping, strength, larmor, j0, j1,
+                     first, group, shift, weight, pairs, coefficients, scale, far_wing):
+    """``acc (B, 6, Λ, D)``: per Zeeman group (σ_b, π, σ_r) ``Σ_k S_k Σ_c w_c H``
+    (rows 0-2) and the same with ``L`` (rows 3-5), each line inside its window.
+
+    Line ``k`` owns the components ``first[k] … first[k + 1] − 1`` (their
+    ``group``, ``shift`` [Δλ_B] and ``weight``); sums run in the torch
+    path's order (components within a group, then lines).
+    """
+    n_batch, n_lines, depth = centre.shape
+    x0, w0 = pairs[0, 0], pairs[0, 1]
+    x1, w1 = pairs[1, 0], pairs[1, 1]
+    h = np.empty(depth)
+    l_ = np.empty(depth)
+    v = np.empty(depth)
+    u = np.empty(depth)
+    g = np.empty((6, depth))
+    work = np.empty((6, depth))
+    for b in range(n_batch):
+        for k in range(n_lines):
+            cen = centre[b, k]
+            inv = inv_doppler[b, k]
+            a = damping[b, k]
+            s = strength[b, k]
+            split = larmor[b, k]
+            for j in range(j0[k], j1[k]):
+                lj = lam[j]
+                for d in range(depth):
+                    v[d] = (lj - cen[d]) * inv[d]
+                g[:] = 0.0
+                for c in range(first[k], first[k + 1]):
+                    sh = shift[c]
+                    if sh != 0.0:
+                        for d in range(depth):
+                            u[d] = v[d] - sh * split[d]
+                    else:
+                        u[:] = v
+                    for d in range(depth):
+                        h[d], l_[d] = _far_wing_hl(u[d], a[d], x0, w0, x1, w1)
+                    _core_hl(h, l_, u, a, coefficients, scale, far_wing, work)
+                    p = group[c]
+                    wc = weight[c]
+                    gh = g[p]
+                    gl = g[p + 3]
+                    for d in range(depth):
+                        gh[d] += wc * h[d]
+                        gl[d] += wc * l_[d]
+                for p in range(6):
+                    row = acc[b, p, j]
+                    gp = g[p]
+                    for d in range(depth):
+                        row[d] += s[d] * gp[d]
+
+
+def _far_wing_hl(v, a, x0, w0, x1, w1):
+    """``(H, L)`` of Humlíček's region II as two Gauss–Hermite pairs (see profiles)."""
+    v2 = v * v
+    s = v2 + a * a
+    n0 = s + x0
+    n1 = s + x1
+    d0 = n0 * n0 - (4.0 * x0) * v2
+    d1 = n1 * n1 - (4.0 * x1) * v2
+    h = (n0 / d0) * w0
+    h = h + (n1 / d1) * w1
+    f = (s - x0) / d0 * w0
+    f = f + (s - x1) / d1 * w1
+    return h * (a * _TWO_OVER_PI), f * v * _TWO_OVER_PI
+
+
+def _core_hl(h, l_, v, a, coefficients, scale, far_wing, work):
+    """:func:`_core` for ``H`` and ``L``: Weideman's expansion into ``h``, ``l_``
+    where ``|v| + a < far_wing`` (the row is skipped when no point is)."""
+    depth = v.shape[0]
+    count = 0
+    for d in range(depth):
+        count += abs(v[d]) + a[d] < far_wing
+    if count == 0:
+        return
+    zr, zi, two_x, r2, b1, b2 = work[0], work[1], work[2], work[3], work[4], work[5]
+    c0 = coefficients[0]
+    for d in range(depth):
+        aa = a[d]
+        vv = v[d]
+        la = scale + aa
+        inv_d2 = 1.0 / (la * la + vv * vv)
+        x = (scale * scale - aa * aa - vv * vv) * inv_d2
+        y = (2.0 * scale) * vv * inv_d2
+        zr[d] = x
+        zi[d] = y
+        two_x[d] = 2.0 * x
+        r2[d] = x * x + y * y
+        b1[d] = c0
+        b2[d] = 0.0
+    n_terms = coefficients.shape[0]
+    t = 1
+    while t + 1 < n_terms:
+        c = coefficients[t]
+        c_next = coefficients[t + 1]
+        for d in range(depth):
+            x = two_x[d]
+            r = r2[d]
+            newer = (x * b1[d] + c) - r * b2[d]
+            b2[d] = (x * newer + c_next) - r * b1[d]
+            b1[d] = newer
+        b1, b2 = b2, b1
+        t += 2
+    if t < n_terms:
+        c = coefficients[t]
+        for d in range(depth):
+            newer = (two_x[d] * b1[d] + c) - r2[d] * b2[d]
+            b2[d] = b1[d]
+            b1[d] = newer
+    for d in range(depth):
+        aa = a[d]
+        vv = v[d]
+        la = scale + aa
+        inv_d2 = 1.0 / (la * la + vv * vv)
+        pr = b1[d] - zr[d] * b2[d]
+        pi = zi[d] * b2[d]
+        ir = la * inv_d2
+        ii = vv * inv_d2
+        sr = ir * ir - ii * ii
+        si = 2.0 * ir * ii
+        near = abs(vv) + aa < far_wing
+        core_h = 2.0 * (pr * sr - pi * si) + _SQRT_PI_INV * ir
+        core_l = 2.0 * (pr * si + pi * sr) + _SQRT_PI_INV * ii
+        h[d] = core_h if near else h[d]
+        l_[d] = core_l if near else l_[d]
+
+
+def _delo_bezier(tau, planck, eq, eu, ev, rq, ru, rv, series, small_step, out):
+    """Emergent Stokes vector ``out (R, 4)`` per column of the (D, R) inputs.
+
+    The DELO-Bézier recursion of :func:`iris_lab.synthesis.formal.delo_bezier`
+    from the thermalised bottom up, rays (columns) in the inner loops.
+    ``series``: the five 9-term Taylor series of the weights (ψ₀, ψ_u, w₀,
+    w_c, w_u) used below ``small_step``.
+    """
+    depth, n_rays = tau.shape
+    last = depth - 1
+    stokes = np.zeros((4, n_rays))
+    deriv = np.empty((4, n_rays))               # at the lower point of the interval
+    for r in range(n_rays):                     # one-sided at the bottom
+        step = tau[last, r] - tau[last - 1, r]
+        p0, p1 = planck[last - 1, r], planck[last, r]
+        stokes[0, r] = p1 + (p1 - p0) / step
+        deriv[0, r] = (p1 - p0) / step
+        deriv[1, r] = (p1 * eq[last, r] - p0 * eq[last - 1, r]) / step
+        deriv[2, r] = (p1 * eu[last, r] - p0 * eu[last - 1, r]) / step
+        deriv[3, r] = (p1 * ev[last, r] - p0 * ev[last - 1, r]) / step
+    i_, q_, u_, v_ = stokes[0], stokes[1], stokes[2], stokes[3]
+    d_i, d_q, d_u, d_v = deriv[0], deriv[1], deriv[2], deriv[3]
+    for k in range(last - 1, -1, -1):
+        outer = k == 0
+        km = max(k - 1, 0)
+        for r in range(n_rays):
+            t0 = tau[k, r]
+            t1 = tau[k + 1, r]
+            step = t1 - t0
+            decay = math.exp(-step) if step >= small_step else _exp_small(step)
+            psi0, psiu, w0, wc, wu = _delo_weights(step, decay, series, small_step)
+            # sources (B, B η_Q/η_I, …) at k, k + 1 and their control points
+            p0, p1 = planck[k, r], planck[k + 1, r]
+            eq0, eu0, ev0 = eq[k, r], eu[k, r], ev[k, r]
+            eq1, eu1, ev1 = eq[k + 1, r], eu[k + 1, r], ev[k + 1, r]
+            si0, sq0, su0, sv0 = p0, p0 * eq0, p0 * eu0, p0 * ev0
+            si1, sq1, su1, sv1 = p1, p1 * eq1, p1 * eu1, p1 * ev1
+            h_up = t0 - tau[km, r]
+            pm = planck[km, r]
+            ci, di = _control(si0, si1, pm, step, h_up, d_i[r], outer)
+            cq, dq = _control(sq0, sq1, pm * eq[km, r], step, h_up, d_q[r], outer)
+            cu, du = _control(su0, su1, pm * eu[km, r], step, h_up, d_u[r], outer)
+            cv, dv = _control(sv0, sv1, pm * ev[km, r], step, h_up, d_v[r], outer)
+            d_i[r], d_q[r], d_u[r], d_v[r] = di, dq, du, dv
+            # rhs = e I_u − ψ_u K′_u I_u + w₀ S₀ + w_c S_c + w_u S_u
+            si, sq, su, sv = i_[r], q_[r], u_[r], v_[r]
+            rq1, ru1, rv1 = rq[k + 1, r], ru[k + 1, r], rv[k + 1, r]
+            ki = eq1 * sq + eu1 * su + ev1 * sv
+            kq = eq1 * si + rv1 * su - ru1 * sv
+            ku = eu1 * si - rv1 * sq + rq1 * sv
+            kv = ev1 * si + ru1 * sq - rq1 * su
+            bi = decay * si - psiu * ki + w0 * si0 + wc * ci + wu * si1
+            bq = decay * sq - psiu * kq + w0 * sq0 + wc * cq + wu * sq1
+            bu = decay * su - psiu * ku + w0 * su0 + wc * cu + wu * su1
+            bv = decay * sv - psiu * kv + w0 * sv0 + wc * cv + wu * sv1
+            i_[r], q_[r], u_[r], v_[r] = _solve(
+                psi0 * eq0, psi0 * eu0, psi0 * ev0, psi0 * rq[k, r], psi0 * ru[k, r],
+                psi0 * rv[k, r], bi, bq, bu, bv)
+    for r in range(n_rays):
+        out[r, 0] = i_[r]
+        out[r, 1] = q_[r]
+        out[r, 2] = u_[r]
+        out[r, 3] = v_[r]
+
+
+def _control(s0, s1, s_up, step, h_up, deriv_low, outer):
+    """Clamped Bézier control point of the interval [s0 (top), s1] and the
+    derivative at ``s0`` (Fritsch–Butland, one-sided at the top)."""
+    slope = (s1 - s0) / step
+    deriv_high = slope
+    if not outer:
+        deriv_high = _fritsch_butland((s0 - s_up) / h_up, slope, h_up, step)
+    upper = s0 + 0.5 * step * deriv_high
+    lower = s1 - 0.5 * step * deriv_low
+    control = 0.5 * (upper + lower)
+    low = s0 if s0 < s1 else s1
+    high = s1 if s0 < s1 else s0
+    control = low if control < low else control
+    control = high if control > high else control
+    return control, deriv_high
+
+
+def _delo_weights(step, decay, series, small_step):
+    """``(ψ₀, ψ_u, w₀, w_c, w_u)`` of one interval (see formal._weights)."""
+    inv = 1.0 / step
+    e0 = 1.0 - decay
+    e1d = (1.0 - decay * (1.0 + step)) * inv
+    e2d2 = (2.0 - decay * (step * step + 2.0 * step + 2.0)) * inv * inv
+    small = step < small_step
+    return (_horner9(series[0], step) * step if small else e0 - e1d,
+            _horner9(series[1], step) * step if small else e1d,
+            _horner9(series[2], step) * step if small else e0 - 2.0 * e1d + e2d2,
+            2.0 * (_horner9(series[3], step) * step) if small else 2.0 * (e1d - e2d2),
+            _horner9(series[4], step) * step if small else e2d2)
+
+
+def _solve(eq, eu, ev, rq, ru, rv, i, q, u, v):
+    """``(1 + K′) x = (i, q, u, v)`` in closed form (formal.solve_one_plus_kprime)."""
+    e2 = eq * eq + eu * eu + ev * ev
+    r2 = rq * rq + ru * ru + rv * rv
+    theta = eq * rq + eu * ru + ev * rv
+    det = 1.0 - e2 + r2 - theta * theta
+    m00 = 1.0 + r2
+    m01 = -eq * (1.0 + rq * rq) - eu * (rq * ru + rv) + ev * (ru - rq * rv)
+    m02 = eq * (rv - rq * ru) - eu * (1.0 + ru * ru) - ev * (rq + ru * rv)
+    m03 = -eq * (rq * rv + ru) + eu * (rq - ru * rv) - ev * (1.0 + rv * rv)
+    m10 = -eq * (1.0 + rq * rq) + eu * (rv - rq * ru) - ev * (rq * rv + ru)
+    m11 = 1.0 - eu * eu - ev * ev + rq * rq
+    m12 = eq * (eu + ev * rq) + eu * ev * ru + ev * ev * rv + rq * ru - rv
+    m13 = eq * (ev - eu * rq) - eu * eu * ru - eu * ev * rv + rq * rv + ru
+    m20 = -eq * (rq * ru + rv) - eu * (1.0 + ru * ru) + ev * (rq - ru * rv)
+    m21 = eq * (eu - ev * rq) - eu * ev * ru - ev * ev * rv + rq * ru + rv
+    m22 = 1.0 - eq * eq - ev * ev + ru * ru
+    m23 = eq * eq * rq + eq * (eu * ru + ev * rv) + eu * ev - rq + ru * rv
+    m30 = eq * (ru - rq * rv) - eu * (rq + ru * rv) - ev * (1.0 + rv * rv)
+    m31 = eq * (eu * rq + ev) + eu * eu * ru + eu * ev * rv + rq * rv - ru
+    m32 = -eq * eq * rq - eq * (eu * ru + ev * rv) + eu * ev + rq + ru * rv
+    m33 = 1.0 - eq * eq - eu * eu + rv * rv
+    return ((m00 * i + m01 * q + m02 * u + m03 * v) / det,
+            (m10 * i + m11 * q + m12 * u + m13 * v) / det,
+            (m20 * i + m21 * q + m22 * u + m23 * v) / det,
+            (m30 * i + m31 * q + m32 * u + m33 * v) / det)
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled() -> SimpleNamespace:
     """The numba-compiled kernels (compiled on first call, cached on disk)."""
@@ -333,11 +587,15 @@ def _compiled() -> SimpleNamespace:
         return numba.njit(**options, **extra)(rebound)
 
     for name in ("_far_wing", "_fritsch_butland", "_bezier_weights", "_horner9",
-                 "_all_below", "_exp_small"):
+                 "_all_below", "_exp_small", "_far_wing_hl", "_control", "_delo_weights",
+                 "_solve"):
         namespace[name] = compiled(globals()[name], inline="always")
     namespace["_core"] = compiled(_core)
+    namespace["_core_hl"] = compiled(_core_hl)
     return SimpleNamespace(add_lines=compiled(_add_lines),
-                           bezier_intensity=compiled(_bezier_intensity))
+                           bezier_intensity=compiled(_bezier_intensity),
+                           polarized_lines=compiled(_polarized_lines),
+                           delo_bezier=compiled(_delo_bezier))
 
 
 @functools.lru_cache(maxsize=8)
@@ -425,3 +683,123 @@ def bezier_intensity(tau: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         return formal.bezier_intensity(tau, source)
     out = _compiled().bezier_intensity(t, s, series, float(formal._SMALL_STEP), _OPAQUE)
     return torch.from_numpy(out.reshape(shape[:-1]))
+
+
+def polarized_lines(
+    continuum: torch.Tensor, wavelengths: torch.Tensor, centre: torch.Tensor,
+    inv_doppler: torch.Tensor, damping: torch.Tensor, strength: torch.Tensor,
+    larmor: torch.Tensor, components: Sequence[Sequence[tuple[int, float, float]]],
+    windows: Sequence[tuple[int, int]], inclination: torch.Tensor, azimuth: torch.Tensor,
+    n_terms: int = 24,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Polarized propagation-matrix elements of every line, (..., λ, D) each.
+
+    Same result as the polarized loop of
+    :meth:`iris_lab.synthesis.lte.LTESynthesizer.propagation`: per line,
+    inside its window, per Zeeman component the Voigt ``H`` and
+    Faraday–Voigt ``L`` of :func:`~iris_lab.synthesis.profiles.voigt_faraday`
+    at ``v − shift · Δλ_B/Δλ_D``, summed with the component weights into the
+    σ_b, π, σ_r groups and with the line strength over lines (compiled),
+    then combined with the field inclination γ and azimuth χ (torch, the
+    same expressions as the torch path).
+
+    Parameters
+    ----------
+    continuum
+        Continuum opacity (..., λ, D), added to ``η_I``.
+    wavelengths
+        Grid (λ,) [Å].
+    centre, inv_doppler, damping, strength, larmor
+        Per line and depth (..., L, D): shifted line centre [Å], inverse
+        Doppler width [1/Å], damping ``a``, line-centre opacity factor and
+        Zeeman splitting ``Δλ_B / Δλ_D``.
+    components
+        Per line its Zeeman components ``(group, shift [Δλ_B], weight)``,
+        groups 0, 1, 2 = σ_b, π, σ_r.
+    windows
+        Per line the grid slice ``(j0, j1)`` where its profile is added.
+    inclination, azimuth
+        Field angles (..., D) [rad].
+    n_terms
+        Terms of Weideman's expansion.
+
+    Returns
+    -------
+    tuple of dict
+        ``({"i", "q", "u", "v"}: η, {"q", "u", "v"}: ρ)``, unnormalised.
+
+    Example
+    -------
+    >>> import torch
+    >>> grid = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+    >>> one = torch.ones(1, 1, dtype=torch.float64)
+    >>> zero = torch.zeros(1, dtype=torch.float64)
+    >>> eta, rho = polarized_lines(torch.zeros(5, 1, dtype=torch.float64), grid,
+    ...                            0 * one, 10 * one, 0 * one, one, 0 * one,
+    ...                            [[(1, 0.0, 1.0), (0, -1.0, 0.5), (2, 1.0, 0.5)]],
+    ...                            [(0, 5)], zero, zero)
+    >>> round(float(eta["i"][2, 0]), 6), float(eta["v"][2, 0])
+    (1.0, 0.0)
+    """
+    n_lambda, depth = continuum.shape[-2:]
+    n_lines = centre.shape[-2]
+    batch = torch.broadcast_shapes(*(x.shape[:-2] for x in (
+        continuum, centre, inv_doppler, damping, strength, larmor)))
+    shape = (*batch, n_lines, depth)
+    per_line = [_array(x, shape).reshape(-1, n_lines, depth)
+                for x in (centre, inv_doppler, damping, strength, larmor)]
+    j0 = np.array([w[0] for w in windows], dtype=np.int64)
+    j1 = np.array([w[1] for w in windows], dtype=np.int64)
+    first = np.cumsum([0] + [len(c) for c in components]).astype(np.int64)
+    flat = [c for line in components for c in line]
+    group = np.array([c[0] for c in flat], dtype=np.int64)
+    shift = np.array([c[1] for c in flat], dtype=np.float64)
+    weight = np.array([c[2] for c in flat], dtype=np.float64)
+    pairs, coefficients, scale = _constants(int(n_terms))
+    lam = np.ascontiguousarray(wavelengths.detach().numpy(), dtype=np.float64)
+    n_flat = per_line[0].shape[0]
+    acc = np.zeros((n_flat, 6, n_lambda, depth))
+    _compiled().polarized_lines(acc, lam, *per_line, j0, j1, first, group, shift, weight,
+                                pairs, coefficients, scale, float(FAR_WING))
+    acc_t = torch.from_numpy(acc).reshape(*batch, 6, n_lambda, depth).unbind(-3)
+    # the torch path's combination, same expressions (…, 1, D)
+    sin2 = (torch.sin(inclination) ** 2).unsqueeze(-2)
+    cos_g = torch.cos(inclination).unsqueeze(-2)
+    cos2chi = torch.cos(2.0 * azimuth).unsqueeze(-2)
+    sin2chi = torch.sin(2.0 * azimuth).unsqueeze(-2)
+
+    def combine(blue, pi, red):
+        sigma = 0.5 * (blue + red)
+        i_term = 0.5 * (pi * sin2 + sigma * (1.0 + cos_g**2))
+        lin = 0.5 * (pi - sigma) * sin2
+        circ = 0.5 * (red - blue) * cos_g
+        return i_term, lin * cos2chi, lin * sin2chi, circ
+
+    e_i, e_q, e_u, e_v = combine(*acc_t[:3])
+    _, r_q, r_u, r_v = combine(*acc_t[3:])
+    return {"i": continuum + e_i, "q": e_q, "u": e_u, "v": e_v}, {"q": r_q, "u": r_u, "v": r_v}
+
+
+def delo_bezier(tau: torch.Tensor, planck: torch.Tensor,
+                ratios: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`iris_lab.synthesis.formal.delo_bezier` compiled (thermalised
+    lower boundary), (..., 4).
+
+    Example
+    -------
+    >>> import torch
+    >>> tau = torch.logspace(-6, 2, 60, dtype=torch.float64)
+    >>> zero = torch.zeros_like(tau)
+    >>> round(float(delo_bezier(tau, 1.0 + 1.5 * tau, [zero] * 6)[0]), 4)
+    2.5
+    """
+    shape = torch.broadcast_shapes(tau.shape, planck.shape, *(r.shape for r in ratios))
+    columns = [np.ascontiguousarray(_array(x, shape).reshape(-1, shape[-1]).T)
+               for x in (tau, planck, *ratios)]
+    series = tuple(tuple(float(c) for c in formal._SERIES[key])
+                   for key in ((0, 1), (1, 0), (0, 2), (1, 1), (2, 0)))
+    if any(len(c) != 9 for c in series):
+        return formal.delo_bezier(tau, planck, ratios)
+    out = np.empty((columns[0].shape[1], 4))
+    _compiled().delo_bezier(*columns, series, float(formal._SMALL_STEP), out)
+    return torch.from_numpy(out.reshape(*shape[:-1], 4))

@@ -661,6 +661,14 @@ class LTESynthesizer:
             return ({"i": e_i, "q": zero, "u": zero, "v": zero},
                     {"q": zero, "u": zero, "v": zero})
 
+        if self._fused(eta_c, centre, inv_doppler, damping, strength, larmor,
+                       f["inclination"], f["azimuth"]):
+            from iris_lab.synthesis import fused
+
+            return fused.polarized_lines(eta_c, self.wavelengths, centre, inv_doppler,
+                                         damping, strength, larmor, self._components,
+                                         windows, f["inclination"], f["azimuth"],
+                                         self.n_terms)
         # Σ over lines of strength × Σ_components weight × H (or L), per group
         acc_h: list[Tensor | None] = [None, None, None]
         acc_l: list[Tensor | None] = [None, None, None]
@@ -753,7 +761,12 @@ class LTESynthesizer:
             zero = torch.zeros_like(intensity)
             return torch.stack([intensity, zero, zero, zero], dim=-2)
         ratios = [p[k] for k in ("eta_q", "eta_u", "eta_v", "rho_q", "rho_u", "rho_v")]
-        emergent = delo_bezier(p["tau"], p["planck"], ratios)   # (..., λ, 4)
+        if self._fused(p["tau"], p["planck"], *ratios):
+            from iris_lab.synthesis import fused
+
+            emergent = fused.delo_bezier(p["tau"], p["planck"], ratios)
+        else:
+            emergent = delo_bezier(p["tau"], p["planck"], ratios)   # (..., λ, 4)
         return emergent.transpose(-1, -2)
 
     def continuum_intensity(self, fields: Mapping[str, Any] | None = None) -> Tensor:
