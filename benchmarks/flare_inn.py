@@ -43,7 +43,64 @@ PAPER = {"forward_mse": 5.73e-5, "draws_20000_gpu_s": 0.893, "draws_20000_cpu_s"
 
 
 
-def validation(inn: FlareINN, data: xr.Dataset, n_pixels: int, n_draws: int) -> None:
+def regression_reference(inn: FlareINN, data: xr.Dataset, held: xr.Dataset,
+                         seconds: float, seed: int = 0) -> None:
+    """Forward MSE of a plain regression network on the same data.
+
+    A fully connected network (3 × 256, leaky ReLU) fitted directly x → y by
+    Adam on the training samples (``held_out`` false) for ``seconds``: an upper
+    bound on what the training set allows the forward direction to learn, with
+    no invertibility, latent or MMD terms. Its held-out MSE (the same half as
+    the INN's row) beside its training MSE tells a data limit (both small on
+    training, both large on held-out) from an INN limit.
+    """
+    import time
+
+    train = data.isel(sample=np.flatnonzero(~np.asarray(data["held_out"].values, bool)
+                                            & np.asarray(data["converged"].values, bool)))
+
+    def arrays(ds):
+        x = atmosphere_to_x(ds["n_e"].values, ds["temperature"].values, ds["v_los"].values)
+        y = normalise_profiles(ds["halpha"].values, ds["ca8542"].values)
+        return torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+
+    x_tr, y_tr = arrays(train)
+    x_te, y_te = arrays(held)
+    mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
+    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    width = 256
+    net = torch.nn.Sequential(
+        torch.nn.Linear(x_tr.shape[1], width), torch.nn.LeakyReLU(),
+        torch.nn.Linear(width, width), torch.nn.LeakyReLU(),
+        torch.nn.Linear(width, width), torch.nn.LeakyReLU(),
+        torch.nn.Linear(width, y_tr.shape[1]))
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    best = (np.inf, np.inf)
+    t0, step = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        idx = torch.randint(0, x_tr.shape[0], (128,), generator=gen)
+        loss = ((net(x_tr[idx]) - y_tr[idx]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 500 == 0:
+            with torch.no_grad():
+                fit = float(((net(x_tr) - y_tr) ** 2).mean())
+                test = float(((net(x_te) - y_te) ** 2).mean())
+            best = min(best, (test, fit))
+    pred_tr = inn.predict_profiles(train["n_e"].values, train["temperature"].values,
+                                   train["v_los"].values)
+    inn_fit = float(((pred_tr - y_tr.numpy()) ** 2).mean())
+    print(f"| forward MSE on its training samples ({x_tr.shape[0]}) | {inn_fit:.3g} | — |")
+    print(f"| plain regression x → y, same data ({step} Adam steps, {seconds:.0f} s): "
+          f"held-out (best) / training | {best[0]:.3g} / {best[1]:.3g} | — |")
+
+
+def validation(inn: FlareINN, data: xr.Dataset, n_pixels: int, n_draws: int,
+               regression_seconds: float = 0.0) -> None:
     # the second half of the held-out sequences: the first chose the latent scale
     _, mask = held_out_halves(data)
     held = data.isel(sample=np.flatnonzero(mask))
@@ -58,6 +115,8 @@ def validation(inn: FlareINN, data: xr.Dataset, n_pixels: int, n_draws: int) -> 
     print(f"\nheld-out samples: {held.sizes['sample']}")
     print("| metric | FlareINN | Radynversion paper |\n|---|---|---|")
     print(f"| forward MSE (normalised intensity) | {mse:.3g} | {PAPER['forward_mse']:.3g} |")
+    if regression_seconds > 0:
+        regression_reference(inn, data, held, regression_seconds)
 
     rng = np.random.default_rng(0)
     pick = rng.choice(held.sizes["sample"], min(n_pixels, held.sizes["sample"]), replace=False)
@@ -132,6 +191,9 @@ def main() -> None:
                    help="map side for the paper-sized network (the 100×100 map takes long)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-speed", action="store_true", help="validation only")
+    p.add_argument("--regression-seconds", type=float, default=0.0,
+                   help="also fit a plain x → y regression network this long on the same "
+                        "training samples (a data-limited reference for the forward MSE)")
     p.add_argument("--skip-validation", action="store_true", help="speed only")
     args = p.parse_args()
     inn = (FlareINN.load(args.weights, device=args.device) if args.weights
@@ -145,7 +207,8 @@ def main() -> None:
     if args.skip_validation:
         pass
     elif Path(args.data).exists():
-        validation(inn, xr.load_dataset(args.data, engine="h5netcdf"), args.pixels, args.draws)
+        validation(inn, xr.load_dataset(args.data, engine="h5netcdf"), args.pixels, args.draws,
+                   args.regression_seconds)
     else:
         print(f"(no flare set at {args.data}: validation skipped)")
     if args.skip_speed:

@@ -281,6 +281,19 @@ class CoupledLevenbergMarquardt:
     chi2_target
         Do not perturb once χ²_ν is at or below this (e.g. 1.0 with real
         noise); ``None`` perturbs on every stall.
+    n_reseeds, reseed_factor, reseed_pool, reseed_candidates, reseed_iterations
+        Pixel reseeding after stalls (at most ``n_reseeds`` times, tried
+        before the perturbation restarts). A pixel whose χ²_ν exceeds
+        ``reseed_factor`` × the median is stuck in a poor local minimum of
+        its own, and with one Marquardt parameter and one acceptance test
+        for the whole problem it both stays there and drags the global
+        parameters. Each such pixel is refitted alone (global parameters
+        held): its own starting values and the current solutions of the
+        ``reseed_pool`` best-fitting pixels are screened by one forward call
+        each, and the ``reseed_candidates`` best get ``reseed_iterations``
+        per-pixel Levenberg–Marquardt iterations (all pixels and starts in
+        one batch); a pixel takes the best refit only where it lowers its
+        χ², so a reseed never raises the total χ².
     jacobian
         ``"jvp"`` (forward mode), ``"finite"`` (forward differences, one
         forward call per column) or ``"batched"`` (forward differences, all
@@ -303,6 +316,8 @@ class CoupledLevenbergMarquardt:
                  n_perturbations: int = 0, perturbation_scale: float = 0.05,
                  global_perturbation_scale: float = 0.0, stall_iterations: int = 3,
                  stall_ftol: float = 1e-3, chi2_target: float | None = None,
+                 n_reseeds: int = 0, reseed_factor: float = 3.0, reseed_pool: int = 64,
+                 reseed_candidates: int = 4, reseed_iterations: int = 8,
                  jacobian: str = "jvp", chunk_size: int = 256, uncertainties: bool = True,
                  seed: int = 0, progress: bool = False, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float64) -> None:
@@ -318,6 +333,11 @@ class CoupledLevenbergMarquardt:
         self.stall_iterations = stall_iterations
         self.stall_ftol = stall_ftol
         self.chi2_target = chi2_target
+        self.n_reseeds = n_reseeds
+        self.reseed_factor = reseed_factor
+        self.reseed_pool = reseed_pool
+        self.reseed_candidates = reseed_candidates
+        self.reseed_iterations = reseed_iterations
         self.jacobian = jacobian
         self.chunk_size = chunk_size
         self.uncertainties = uncertainties
@@ -459,7 +479,8 @@ class CoupledLevenbergMarquardt:
         # pixels without usable data take no part in the fit
         sqrt_w[pixel_bad] = 0.0
 
-        state = {"iteration": 0, "lam": self.lam0, "perturbations": 0}
+        x_start = x.clone()
+        state = {"iteration": 0, "lam": self.lam0, "perturbations": 0, "reseeds": 0}
         if checkpoint is not None and Path(checkpoint).exists():
             x, g, state = self._read_checkpoint(checkpoint, x, g)
         gen = torch.Generator(device="cpu").manual_seed(self.seed + state["perturbations"])
@@ -482,6 +503,8 @@ class CoupledLevenbergMarquardt:
             chi2_pix = blocks.chi2
             chi2 = float(chi2_pix.sum())
         best = (x.clone(), g.clone(), chi2, model.clone(), chi2_pix.clone())
+        current_pix = chi2_pix
+        self.reseeded_pixels_: list[int] = []
         lam = state["lam"]
         history = [chi2]
         accepted_chi2 = [chi2]
@@ -513,6 +536,7 @@ class CoupledLevenbergMarquardt:
             if np.isfinite(chi2_try) and chi2_try < chi2:
                 rel = (chi2 - chi2_try) / max(chi2, 1e-300)
                 x, g, chi2 = x_try, g_try, chi2_try
+                current_pix = chi2_try_pix
                 lam = max(lam / self.lam_down, 1e-12)
                 n_accept += 1
                 accepted_chi2.append(chi2)
@@ -530,6 +554,22 @@ class CoupledLevenbergMarquardt:
                 stalled = lam > self.lam_max
             history.append(chi2)
             iter_times.append(time.perf_counter() - t_it)
+            if (converged or stalled) and state["reseeds"] < self.n_reseeds:
+                state["reseeds"] += 1
+                x_new, n_new = self._reseed(forward, x, g, current_pix, x_start, obs, sqrt_w,
+                                            lo, hi)
+                self.reseeded_pixels_.append(n_new)
+                if n_new:
+                    x = x_new
+                    blocks, model = self.linearise(forward, x, g, obs, sqrt_w)
+                    current_pix = blocks.chi2
+                    chi2 = float(current_pix.sum())
+                    if chi2 < best[2]:
+                        best = (x.clone(), g.clone(), chi2, model.clone(), current_pix.clone())
+                    accepted_chi2 = [chi2]
+                    lam = self.lam0
+                    converged = False
+                    continue
             if converged or stalled:
                 dof = max(float((sqrt_w > 0).sum()) - n_pix * n - k, 1.0)
                 wants = self.chi2_target is None or chi2 / dof > self.chi2_target
@@ -545,6 +585,7 @@ class CoupledLevenbergMarquardt:
                         x, g = best[0].clone(), best[1].clone()
                         blocks, model = self.linearise(forward, x, g, obs, sqrt_w)
                         chi2 = float(blocks.chi2.sum())
+                    current_pix = blocks.chi2
                     accepted_chi2 = [chi2]
                     lam = self.lam0
                     converged = False
@@ -599,6 +640,73 @@ class CoupledLevenbergMarquardt:
                                                       "finished": 1})
         return self
 
+    def _reseed(self, forward, x, g, chi2_pix, x_start, obs, sqrt_w, lo, hi
+                ) -> tuple[torch.Tensor, int]:
+        """Refit the outlier pixels alone from several starts (see the class
+        docstring); returns the new local parameters and how many pixels
+        changed."""
+        from iris_lab.inversion.lm import LevenbergMarquardt
+
+        used = sqrt_w > 0
+        dof = used.sum(-1).clamp(min=1).to(self.dtype)
+        red = chi2_pix / dof
+        finite = torch.isfinite(red) & (used.sum(-1) > 0)
+        if not bool(finite.any()):
+            return x, 0
+        median = torch.median(red[finite])
+        stuck = (~torch.isfinite(red) | (red > self.reseed_factor * median)) & (used.sum(-1) > 0)
+        stuck_idx = torch.nonzero(stuck).reshape(-1)
+        if stuck_idx.numel() == 0:
+            return x, 0
+        # the pool of starts: the pixel's own start and the solutions of the
+        # best-fitting other pixels; each is screened by one forward call and
+        # the ``reseed_candidates`` best per stuck pixel are refitted
+        order = torch.argsort(torch.where(finite & ~stuck, red, torch.inf))
+        donors = order[:self.reseed_pool]
+        donors = donors[torch.isfinite(red[donors]) & ~stuck[donors]]
+        n_s, n = stuck_idx.numel(), x.shape[1]
+        pool = torch.cat([x_start[stuck_idx, None, :],
+                          x[donors][None].expand(n_s, -1, -1)], 1)          # (s, c, n)
+        n_pool = pool.shape[1]
+        rows = stuck_idx.repeat_interleave(n_pool)
+        screen = self._model(forward, pool.reshape(-1, n), g)
+        w_rows = sqrt_w[rows]
+        resid = torch.where(w_rows > 0, (screen - obs[rows]) * w_rows, 0.0)
+        screen_chi2 = torch.nan_to_num((resid ** 2).sum(-1), nan=torch.inf).reshape(n_s, n_pool)
+        n_c = min(self.reseed_candidates, n_pool)
+        pick = torch.argsort(screen_chi2, -1)[:, :n_c]
+        starts = pool.gather(1, pick[..., None].expand(-1, -1, n)).reshape(n_s * n_c, n)
+        rows = stuck_idx.repeat_interleave(n_c)
+        w_rows = sqrt_w[rows]
+        data = torch.where(w_rows > 0, obs[rows], torch.nan)
+        sigma = torch.where(w_rows > 0, 1.0 / torch.where(w_rows > 0, w_rows, 1.0), 1.0)
+
+        def single(z: torch.Tensor) -> torch.Tensor:
+            # one global vector for every row (also the stacked rows of the
+            # finite-difference Jacobian)
+            return torch.cat([forward(z[s:s + self.chunk_size],
+                                      g.expand(z[s:s + self.chunk_size].shape[0], g.shape[-1]))
+                              for s in range(0, z.shape[0], self.chunk_size)])
+
+        if self.jacobian == "jvp":
+            options: dict[str, Any] = {"jacobian": "jvp"}
+        else:
+            scale = _bound_scale(lo, hi).to(dtype=self.dtype, device=self.device)
+            options = {"jacobian": lambda z, index=None: batched_finite_jacobian(
+                single, z, scale=scale)}
+        lm = LevenbergMarquardt(max_iter=self.reseed_iterations, lam0=self.lam0,
+                                uncertainties=False, device=self.device, dtype=self.dtype,
+                                **options)
+        lm.fit(single, data, starts, sigma=sigma, lower=lo, upper=hi)
+        refit = torch.nan_to_num(lm.result_.chi2, nan=torch.inf).reshape(n_s, n_c)
+        best_c = torch.argmin(refit, -1)
+        best_chi2 = refit.gather(1, best_c[:, None])[:, 0]
+        better = best_chi2 < torch.nan_to_num(chi2_pix[stuck_idx], nan=torch.inf)
+        x = x.clone()
+        chosen = lm.result_.x.reshape(n_s, n_c, n)[torch.arange(n_s), best_c]
+        x[stuck_idx[better]] = chosen[better]
+        return x, int(better.sum())
+
     def _merge(self, forward, x, g, best, obs, sqrt_w):
         """Per pixel, keep the better of the current and the best local
         parameters, both evaluated with the current global parameters."""
@@ -652,7 +760,7 @@ class CoupledLevenbergMarquardt:
             raise ValueError(f"checkpoint {path} has shapes {tuple(xc.shape)}, {tuple(gc.shape)};"
                              f" the problem has {tuple(x.shape)}, {tuple(g.shape)}")
         state = {"iteration": int(ds.attrs["iteration"]), "lam": float(ds.attrs["lam"]),
-                 "perturbations": int(ds.attrs["perturbations"])}
+                 "perturbations": int(ds.attrs["perturbations"]), "reseeds": 0}
         if ds.attrs.get("finished"):
             state["iteration"] = self.max_iter
         return xc, gc, state
