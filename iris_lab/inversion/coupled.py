@@ -281,9 +281,10 @@ class CoupledLevenbergMarquardt:
     chi2_target
         Do not perturb once χ²_ν is at or below this (e.g. 1.0 with real
         noise); ``None`` perturbs on every stall.
-    n_reseeds, reseed_factor, reseed_pool, reseed_candidates, reseed_iterations
-        Pixel reseeding after stalls (at most ``n_reseeds`` times, tried
-        before the perturbation restarts). A pixel whose χ²_ν exceeds
+    n_reseeds, reseed_every, reseed_factor, reseed_pool, reseed_candidates, reseed_iterations
+        Pixel reseeding after stalls and every ``reseed_every`` iterations
+        (at most ``n_reseeds`` times; tried before the perturbation
+        restarts). A pixel whose χ²_ν exceeds
         ``reseed_factor`` × the median is stuck in a poor local minimum of
         its own, and with one Marquardt parameter and one acceptance test
         for the whole problem it both stays there and drags the global
@@ -316,8 +317,8 @@ class CoupledLevenbergMarquardt:
                  n_perturbations: int = 0, perturbation_scale: float = 0.05,
                  global_perturbation_scale: float = 0.0, stall_iterations: int = 3,
                  stall_ftol: float = 1e-3, chi2_target: float | None = None,
-                 n_reseeds: int = 0, reseed_factor: float = 3.0, reseed_pool: int = 64,
-                 reseed_candidates: int = 4, reseed_iterations: int = 8,
+                 n_reseeds: int = 0, reseed_every: int | None = 8, reseed_factor: float = 3.0,
+                 reseed_pool: int = 64, reseed_candidates: int = 4, reseed_iterations: int = 8,
                  jacobian: str = "jvp", chunk_size: int = 256, uncertainties: bool = True,
                  seed: int = 0, progress: bool = False, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float64) -> None:
@@ -334,6 +335,7 @@ class CoupledLevenbergMarquardt:
         self.stall_ftol = stall_ftol
         self.chi2_target = chi2_target
         self.n_reseeds = n_reseeds
+        self.reseed_every = reseed_every
         self.reseed_factor = reseed_factor
         self.reseed_pool = reseed_pool
         self.reseed_candidates = reseed_candidates
@@ -505,6 +507,7 @@ class CoupledLevenbergMarquardt:
         best = (x.clone(), g.clone(), chi2, model.clone(), chi2_pix.clone())
         current_pix = chi2_pix
         self.reseeded_pixels_: list[int] = []
+        last_reseed = state["iteration"]
         lam = state["lam"]
         history = [chi2]
         accepted_chi2 = [chi2]
@@ -554,8 +557,10 @@ class CoupledLevenbergMarquardt:
                 stalled = lam > self.lam_max
             history.append(chi2)
             iter_times.append(time.perf_counter() - t_it)
-            if (converged or stalled) and state["reseeds"] < self.n_reseeds:
+            due = self.reseed_every is not None and it + 1 - last_reseed >= self.reseed_every
+            if (converged or stalled or due) and state["reseeds"] < self.n_reseeds:
                 state["reseeds"] += 1
+                last_reseed = it + 1
                 x_new, n_new = self._reseed(forward, x, g, current_pix, x_start, obs, sqrt_w,
                                             lo, hi)
                 self.reseeded_pixels_.append(n_new)
