@@ -316,56 +316,73 @@ def _horner9(c, x):
 
 def _polarized_lines(acc, lam, centre, inv_doppler, damping, strength, larmor, j0, j1,
                      first, group, shift, weight, pairs, coefficients, scale, far_wing):
-    """``acc (B, 6, Λ, D)``: per Zeeman group (σ_b, π, σ_r) ``Σ_k S_k Σ_c w_c H``
+    """``acc (B, 6, D, Λ)``: per Zeeman group (σ_b, π, σ_r) ``Σ_k S_k Σ_c w_c H``
     (rows 0-2) and the same with ``L`` (rows 3-5), each line inside its window.
 
     Line ``k`` owns the components ``first[k] … first[k + 1] − 1`` (their
     ``group``, ``shift`` [Δλ_B] and ``weight``); sums run in the torch
-    path's order (components within a group, then lines).
+    path's order (components within a group, then lines). The inner loops
+    run along wavelength (a line's window) at one depth: the near-core
+    points of a component are one contiguous span there.
     """
     n_batch, n_lines, depth = centre.shape
+    n_lambda = lam.shape[0]
     x0, w0 = pairs[0, 0], pairs[0, 1]
     x1, w1 = pairs[1, 0], pairs[1, 1]
-    h = np.empty(depth)
-    l_ = np.empty(depth)
-    v = np.empty(depth)
-    u = np.empty(depth)
-    g = np.empty((6, depth))
-    work = np.empty((6, depth))
+    h = np.empty(n_lambda)
+    l_ = np.empty(n_lambda)
+    g = np.empty((6, n_lambda))
+    work = np.empty((7, n_lambda))
     for b in range(n_batch):
         for k in range(n_lines):
-            cen = centre[b, k]
-            inv = inv_doppler[b, k]
-            a = damping[b, k]
-            s = strength[b, k]
-            split = larmor[b, k]
-            for j in range(j0[k], j1[k]):
-                lj = lam[j]
-                for d in range(depth):
-                    v[d] = (lj - cen[d]) * inv[d]
-                g[:] = 0.0
+            lo_k, hi_k = j0[k], j1[k]
+            if hi_k <= lo_k:
+                continue
+            window = lam[lo_k:hi_k]
+            n = hi_k - lo_k
+            for d in range(depth):
+                cen = centre[b, k, d]
+                inv = inv_doppler[b, k, d]
+                a = damping[b, k, d]
+                split = larmor[b, k, d]
+                g[:, :n] = 0.0
                 for c in range(first[k], first[k + 1]):
-                    sh = shift[c]
-                    if sh != 0.0:
-                        for d in range(depth):
-                            u[d] = v[d] - sh * split[d]
-                    else:
-                        u[:] = v
-                    for d in range(depth):
-                        h[d], l_[d] = _far_wing_hl(u[d], a[d], x0, w0, x1, w1)
-                    _core_hl(h, l_, u, a, coefficients, scale, far_wing, work)
-                    p = group[c]
+                    off = shift[c] * split
+                    # v = (λ − cen) · inv − off rises with λ: the points with
+                    # |v| + a < far_wing are one span [lo, hi) around v = 0
+                    lo, hi = 0, n
+                    while lo < hi:
+                        mid = (lo + hi) // 2
+                        if (window[mid] - cen) * inv - off < 0.0:
+                            lo = mid + 1
+                        else:
+                            hi = mid
+                    hi = lo
+                    while hi < n and abs((window[hi] - cen) * inv - off) + a < far_wing:
+                        hi += 1
+                    while lo > 0 and abs((window[lo - 1] - cen) * inv - off) + a < far_wing:
+                        lo -= 1
+                    for t in range(lo):              # far wing outside the span
+                        h[t], l_[t] = _far_wing_hl((window[t] - cen) * inv - off, a,
+                                                   x0, w0, x1, w1)
+                    for t in range(hi, n):
+                        h[t], l_[t] = _far_wing_hl((window[t] - cen) * inv - off, a,
+                                                   x0, w0, x1, w1)
+                    if lo < hi:                      # Weideman inside
+                        _core_hl(h, l_, window, cen, inv, off, a, lo, hi, coefficients,
+                                 scale, work)
                     wc = weight[c]
-                    gh = g[p]
-                    gl = g[p + 3]
-                    for d in range(depth):
-                        gh[d] += wc * h[d]
-                        gl[d] += wc * l_[d]
+                    gh = g[group[c]]
+                    gl = g[group[c] + 3]
+                    for t in range(n):
+                        gh[t] += wc * h[t]
+                        gl[t] += wc * l_[t]
+                s = strength[b, k, d]
                 for p in range(6):
-                    row = acc[b, p, j]
+                    row = acc[b, p, d, lo_k:hi_k]
                     gp = g[p]
-                    for d in range(depth):
-                        row[d] += s[d] * gp[d]
+                    for t in range(n):
+                        row[t] += s * gp[t]
 
 
 def _far_wing_hl(v, a, x0, w0, x1, w1):
@@ -376,72 +393,86 @@ def _far_wing_hl(v, a, x0, w0, x1, w1):
     n1 = s + x1
     d0 = n0 * n0 - (4.0 * x0) * v2
     d1 = n1 * n1 - (4.0 * x1) * v2
-    h = (n0 / d0) * w0
-    h = h + (n1 / d1) * w1
-    f = (s - x0) / d0 * w0
-    f = f + (s - x1) / d1 * w1
+    i0 = 1.0 / d0                       # two divisions instead of four (a
+    i1 = 1.0 / d1                       # rounding apart, profiles' arithmetic)
+    h = (n0 * i0) * w0
+    h = h + (n1 * i1) * w1
+    f = (s - x0) * i0 * w0
+    f = f + (s - x1) * i1 * w1
     return h * (a * _TWO_OVER_PI), f * v * _TWO_OVER_PI
 
 
-def _core_hl(h, l_, v, a, coefficients, scale, far_wing, work):
-    """:func:`_core` for ``H`` and ``L``: Weideman's expansion into ``h``, ``l_``
-    where ``|v| + a < far_wing`` (the row is skipped when no point is)."""
-    depth = v.shape[0]
-    count = 0
-    for d in range(depth):
-        count += abs(v[d]) + a[d] < far_wing
-    if count == 0:
-        return
+def _core_hl(h, l_, window, cen, inv, off, a, lo, hi, coefficients, scale, work):
+    """Weideman's expansion of ``(H, L)`` into ``h``, ``l_`` at the points
+    ``lo … hi − 1`` of ``v = (window − cen) · inv − off`` (the arithmetic of
+    :func:`_core`); ``work`` (7, ≥ hi − lo) is scratch."""
+    n = hi - lo
     zr, zi, two_x, r2, b1, b2 = work[0], work[1], work[2], work[3], work[4], work[5]
+    inverse = work[6]
     c0 = coefficients[0]
-    for d in range(depth):
-        aa = a[d]
-        vv = v[d]
-        la = scale + aa
+    la = scale + a
+    for t in range(n):
+        vv = (window[lo + t] - cen) * inv - off
         inv_d2 = 1.0 / (la * la + vv * vv)
-        x = (scale * scale - aa * aa - vv * vv) * inv_d2
+        inverse[t] = inv_d2
+        x = (scale * scale - a * a - vv * vv) * inv_d2
         y = (2.0 * scale) * vv * inv_d2
-        zr[d] = x
-        zi[d] = y
-        two_x[d] = 2.0 * x
-        r2[d] = x * x + y * y
-        b1[d] = c0
-        b2[d] = 0.0
+        zr[t] = x
+        zi[t] = y
+        two_x[t] = 2.0 * x
+        r2[t] = x * x + y * y
+        b1[t] = c0
+        b2[t] = 0.0
+    # P(Z) by the Goertzel recurrence (see _core), eight, then two, then one
+    # term(s) per pass (the same operations; fewer loads and stores)
     n_terms = coefficients.shape[0]
-    t = 1
-    while t + 1 < n_terms:
-        c = coefficients[t]
-        c_next = coefficients[t + 1]
-        for d in range(depth):
-            x = two_x[d]
-            r = r2[d]
-            newer = (x * b1[d] + c) - r * b2[d]
-            b2[d] = (x * newer + c_next) - r * b1[d]
-            b1[d] = newer
+    i = 1
+    while i + 7 < n_terms:
+        c = coefficients[i:i + 8]
+        for t in range(n):
+            x = two_x[t]
+            r = r2[t]
+            q0 = b2[t]
+            q1 = b1[t]
+            q2 = (x * q1 + c[0]) - r * q0
+            q3 = (x * q2 + c[1]) - r * q1
+            q4 = (x * q3 + c[2]) - r * q2
+            q5 = (x * q4 + c[3]) - r * q3
+            q6 = (x * q5 + c[4]) - r * q4
+            q7 = (x * q6 + c[5]) - r * q5
+            q8 = (x * q7 + c[6]) - r * q6
+            q9 = (x * q8 + c[7]) - r * q7
+            b1[t] = q9
+            b2[t] = q8
+        i += 8
+    while i + 1 < n_terms:
+        c1 = coefficients[i]
+        c2 = coefficients[i + 1]
+        for t in range(n):
+            x = two_x[t]
+            r = r2[t]
+            q1 = (x * b1[t] + c1) - r * b2[t]
+            b2[t] = (x * q1 + c2) - r * b1[t]
+            b1[t] = q1
         b1, b2 = b2, b1
-        t += 2
-    if t < n_terms:
-        c = coefficients[t]
-        for d in range(depth):
-            newer = (two_x[d] * b1[d] + c) - r2[d] * b2[d]
-            b2[d] = b1[d]
-            b1[d] = newer
-    for d in range(depth):
-        aa = a[d]
-        vv = v[d]
-        la = scale + aa
-        inv_d2 = 1.0 / (la * la + vv * vv)
-        pr = b1[d] - zr[d] * b2[d]
-        pi = zi[d] * b2[d]
+        i += 2
+    if i < n_terms:
+        c1 = coefficients[i]
+        for t in range(n):
+            q1 = (two_x[t] * b1[t] + c1) - r2[t] * b2[t]
+            b2[t] = b1[t]
+            b1[t] = q1
+    for t in range(n):
+        vv = (window[lo + t] - cen) * inv - off
+        inv_d2 = inverse[t]
+        pr = b1[t] - zr[t] * b2[t]
+        pi = zi[t] * b2[t]
         ir = la * inv_d2
         ii = vv * inv_d2
         sr = ir * ir - ii * ii
         si = 2.0 * ir * ii
-        near = abs(vv) + aa < far_wing
-        core_h = 2.0 * (pr * sr - pi * si) + _SQRT_PI_INV * ir
-        core_l = 2.0 * (pr * si + pi * sr) + _SQRT_PI_INV * ii
-        h[d] = core_h if near else h[d]
-        l_[d] = core_l if near else l_[d]
+        h[lo + t] = 2.0 * (pr * sr - pi * si) + _SQRT_PI_INV * ir
+        l_[lo + t] = 2.0 * (pr * si + pi * sr) + _SQRT_PI_INV * ii
 
 
 def _delo_bezier(tau, planck, eq, eu, ev, rq, ru, rv, series, small_step, out):
@@ -736,7 +767,7 @@ def polarized_lines(
     >>> zero = torch.zeros(1, dtype=torch.float64)
     >>> eta, rho = polarized_lines(torch.zeros(5, 1, dtype=torch.float64), grid,
     ...                            0 * one, 10 * one, 0 * one, one, 0 * one,
-    ...                            [[(1, 0.0, 1.0), (0, -1.0, 0.5), (2, 1.0, 0.5)]],
+    ...                            [[(1, 0.0, 1.0), (0, -1.0, 1.0), (2, 1.0, 1.0)]],
     ...                            [(0, 5)], zero, zero)
     >>> round(float(eta["i"][2, 0]), 6), float(eta["v"][2, 0])
     (1.0, 0.0)
@@ -758,9 +789,10 @@ def polarized_lines(
     pairs, coefficients, scale = _constants(int(n_terms))
     lam = np.ascontiguousarray(wavelengths.detach().numpy(), dtype=np.float64)
     n_flat = per_line[0].shape[0]
-    acc = np.zeros((n_flat, 6, n_lambda, depth))
+    acc = np.zeros((n_flat, 6, depth, n_lambda))
     _compiled().polarized_lines(acc, lam, *per_line, j0, j1, first, group, shift, weight,
                                 pairs, coefficients, scale, float(FAR_WING))
+    acc = np.ascontiguousarray(acc.transpose(0, 1, 3, 2))
     acc_t = torch.from_numpy(acc).reshape(*batch, 6, n_lambda, depth).unbind(-3)
     # the torch path's combination, same expressions (…, 1, D)
     sin2 = (torch.sin(inclination) ** 2).unsqueeze(-2)
