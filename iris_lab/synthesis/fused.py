@@ -314,16 +314,19 @@ def _horner9(c, x):
               + c[2]) * x + c[1]) * x + c[0])
 
 
-def _polarized_lines(acc, lam, centre, inv_doppler, damping, strength, larmor, j0, j1,
-                     first, group, shift, weight, pairs, coefficients, scale, far_wing):
-    """``acc (B, 6, D, Λ)``: per Zeeman group (σ_b, π, σ_r) ``Σ_k S_k Σ_c w_c H``
-    (rows 0-2) and the same with ``L`` (rows 3-5), each line inside its window.
+def _polarized_lines(out, continuum, angles, lam, centre, inv_doppler, damping, strength,
+                     larmor, j0, j1, first, group, shift, weight, pairs, coefficients,
+                     scale, far_wing):
+    """``out (7, B, Λ, D)``: η_I (with ``continuum``), η_Q, η_U, η_V, ρ_Q, ρ_U, ρ_V.
 
-    Line ``k`` owns the components ``first[k] … first[k + 1] − 1`` (their
-    ``group``, ``shift`` [Δλ_B] and ``weight``); sums run in the torch
-    path's order (components within a group, then lines). The inner loops
-    run along wavelength (a line's window) at one depth: the near-core
-    points of a component are one contiguous span there.
+    Per Zeeman group (σ_b, π, σ_r) ``Σ_k S_k Σ_c w_c H`` and the same with
+    ``L``, each line inside its window, combined with ``angles (5, B, D)``:
+    sin²γ, 1 + cos²γ, cos γ, cos 2χ, sin 2χ. Line ``k`` owns the components
+    ``first[k] … first[k + 1] − 1`` (their ``group``, ``shift`` [Δλ_B] and
+    ``weight``); sums and the combination run in the torch path's order
+    (components within a group, then lines). The inner loops run along
+    wavelength (a line's window) at one depth: the near-core points of a
+    component are one contiguous span there.
     """
     n_batch, n_lines, depth = centre.shape
     n_lambda = lam.shape[0]
@@ -333,7 +336,9 @@ def _polarized_lines(acc, lam, centre, inv_doppler, damping, strength, larmor, j
     l_ = np.empty(n_lambda)
     g = np.empty((6, n_lambda))
     work = np.empty((7, n_lambda))
+    acc = np.empty((6, depth, n_lambda))
     for b in range(n_batch):
+        acc[:] = 0.0
         for k in range(n_lines):
             lo_k, hi_k = j0[k], j1[k]
             if hi_k <= lo_k:
@@ -379,10 +384,26 @@ def _polarized_lines(acc, lam, centre, inv_doppler, damping, strength, larmor, j
                         gl[t] += wc * l_[t]
                 s = strength[b, k, d]
                 for p in range(6):
-                    row = acc[b, p, d, lo_k:hi_k]
+                    row = acc[p, d, lo_k:hi_k]
                     gp = g[p]
                     for t in range(n):
                         row[t] += s * gp[t]
+        sin2, one_cos2, cos_g = angles[0, b], angles[1, b], angles[2, b]
+        cos2chi, sin2chi = angles[3, b], angles[4, b]
+        for j in range(n_lambda):
+            for d in range(depth):
+                for p in range(2):               # η, then ρ
+                    blue = acc[3 * p, d, j]
+                    pi = acc[3 * p + 1, d, j]
+                    red = acc[3 * p + 2, d, j]
+                    sigma = 0.5 * (blue + red)
+                    lin = 0.5 * (pi - sigma) * sin2[d]
+                    if p == 0:
+                        i_term = 0.5 * (pi * sin2[d] + sigma * one_cos2[d])
+                        out[0, b, j, d] = continuum[b, j, d] + i_term
+                    out[1 + 3 * p, b, j, d] = lin * cos2chi[d]
+                    out[2 + 3 * p, b, j, d] = lin * sin2chi[d]
+                    out[3 + 3 * p, b, j, d] = 0.5 * (red - blue) * cos_g[d]
 
 
 def _far_wing_hl(v, a, x0, w0, x1, w1):
@@ -476,52 +497,58 @@ def _core_hl(h, l_, window, cen, inv, off, a, lo, hi, coefficients, scale, work)
 
 
 def _delo_bezier(tau, planck, eq, eu, ev, rq, ru, rv, series, small_step, out):
-    """Emergent Stokes vector ``out (R, 4)`` per column of the (D, R) inputs.
+    """Emergent Stokes vector ``out (R, 4)`` of each row of the (R, D) inputs.
 
     The DELO-Bézier recursion of :func:`iris_lab.synthesis.formal.delo_bezier`
-    from the thermalised bottom up, rays (columns) in the inner loops.
-    ``series``: the five 9-term Taylor series of the weights (ψ₀, ψ_u, w₀,
-    w_c, w_u) used below ``small_step``.
+    from the thermalised bottom up, one ray at a time (its state stays in
+    registers). ``series``: the five 9-term Taylor series of the weights
+    (ψ₀, ψ_u, w₀, w_c, w_u) used below ``small_step``.
     """
-    depth, n_rays = tau.shape
+    n_rays, depth = tau.shape
     last = depth - 1
-    stokes = np.zeros((4, n_rays))
-    deriv = np.empty((4, n_rays))               # at the lower point of the interval
-    for r in range(n_rays):                     # one-sided at the bottom
-        step = tau[last, r] - tau[last - 1, r]
-        p0, p1 = planck[last - 1, r], planck[last, r]
-        stokes[0, r] = p1 + (p1 - p0) / step
-        deriv[0, r] = (p1 - p0) / step
-        deriv[1, r] = (p1 * eq[last, r] - p0 * eq[last - 1, r]) / step
-        deriv[2, r] = (p1 * eu[last, r] - p0 * eu[last - 1, r]) / step
-        deriv[3, r] = (p1 * ev[last, r] - p0 * ev[last - 1, r]) / step
-    i_, q_, u_, v_ = stokes[0], stokes[1], stokes[2], stokes[3]
-    d_i, d_q, d_u, d_v = deriv[0], deriv[1], deriv[2], deriv[3]
-    for k in range(last - 1, -1, -1):
-        outer = k == 0
-        km = max(k - 1, 0)
-        for r in range(n_rays):
-            t0 = tau[k, r]
-            t1 = tau[k + 1, r]
-            step = t1 - t0
+    for r in range(n_rays):
+        t_r, p_r = tau[r], planck[r]
+        eq_r, eu_r, ev_r = eq[r], eu[r], ev[r]
+        rq_r, ru_r, rv_r = rq[r], ru[r], rv[r]
+        step = t_r[last] - t_r[last - 1]
+        p0, p1 = p_r[last - 1], p_r[last]
+        si = p1 + (p1 - p0) / step                # thermalised: (B + dB/dτ, 0, 0, 0)
+        sq = 0.0
+        su = 0.0
+        sv = 0.0
+        # derivatives of the sources at the lower point (one-sided at the bottom)
+        d_i = (p1 - p0) / step
+        d_q = (p1 * eq_r[last] - p0 * eq_r[last - 1]) / step
+        d_u = (p1 * eu_r[last] - p0 * eu_r[last - 1]) / step
+        d_v = (p1 * ev_r[last] - p0 * ev_r[last - 1]) / step
+        # slopes of the current interval (the one above becomes the next)
+        g_i, g_q, g_u, g_v = d_i, d_q, d_u, d_v
+        for k in range(last - 1, -1, -1):
+            t0 = t_r[k]
+            step = t_r[k + 1] - t0
             decay = math.exp(-step) if step >= small_step else _exp_small(step)
             psi0, psiu, w0, wc, wu = _delo_weights(step, decay, series, small_step)
             # sources (B, B η_Q/η_I, …) at k, k + 1 and their control points
-            p0, p1 = planck[k, r], planck[k + 1, r]
-            eq0, eu0, ev0 = eq[k, r], eu[k, r], ev[k, r]
-            eq1, eu1, ev1 = eq[k + 1, r], eu[k + 1, r], ev[k + 1, r]
+            p0, p1 = p_r[k], p_r[k + 1]
+            eq0, eu0, ev0 = eq_r[k], eu_r[k], ev_r[k]
+            eq1, eu1, ev1 = eq_r[k + 1], eu_r[k + 1], ev_r[k + 1]
             si0, sq0, su0, sv0 = p0, p0 * eq0, p0 * eu0, p0 * ev0
             si1, sq1, su1, sv1 = p1, p1 * eq1, p1 * eu1, p1 * ev1
-            h_up = t0 - tau[km, r]
-            pm = planck[km, r]
-            ci, di = _control(si0, si1, pm, step, h_up, d_i[r], outer)
-            cq, dq = _control(sq0, sq1, pm * eq[km, r], step, h_up, d_q[r], outer)
-            cu, du = _control(su0, su1, pm * eu[km, r], step, h_up, d_u[r], outer)
-            cv, dv = _control(sv0, sv1, pm * ev[km, r], step, h_up, d_v[r], outer)
-            d_i[r], d_q[r], d_u[r], d_v[r] = di, dq, du, dv
+            outer = k == 0
+            km = max(k - 1, 0)
+            h_up = t0 - t_r[km]
+            pm = p_r[km]
+            up_i = (si0 - pm) / h_up
+            up_q = (sq0 - pm * eq_r[km]) / h_up
+            up_u = (su0 - pm * eu_r[km]) / h_up
+            up_v = (sv0 - pm * ev_r[km]) / h_up
+            ci, d_i = _control(si0, si1, g_i, up_i, step, h_up, d_i, outer)
+            cq, d_q = _control(sq0, sq1, g_q, up_q, step, h_up, d_q, outer)
+            cu, d_u = _control(su0, su1, g_u, up_u, step, h_up, d_u, outer)
+            cv, d_v = _control(sv0, sv1, g_v, up_v, step, h_up, d_v, outer)
+            g_i, g_q, g_u, g_v = up_i, up_q, up_u, up_v
             # rhs = e I_u − ψ_u K′_u I_u + w₀ S₀ + w_c S_c + w_u S_u
-            si, sq, su, sv = i_[r], q_[r], u_[r], v_[r]
-            rq1, ru1, rv1 = rq[k + 1, r], ru[k + 1, r], rv[k + 1, r]
+            rq1, ru1, rv1 = rq_r[k + 1], ru_r[k + 1], rv_r[k + 1]
             ki = eq1 * sq + eu1 * su + ev1 * sv
             kq = eq1 * si + rv1 * su - ru1 * sv
             ku = eu1 * si - rv1 * sq + rq1 * sv
@@ -530,23 +557,21 @@ def _delo_bezier(tau, planck, eq, eu, ev, rq, ru, rv, series, small_step, out):
             bq = decay * sq - psiu * kq + w0 * sq0 + wc * cq + wu * sq1
             bu = decay * su - psiu * ku + w0 * su0 + wc * cu + wu * su1
             bv = decay * sv - psiu * kv + w0 * sv0 + wc * cv + wu * sv1
-            i_[r], q_[r], u_[r], v_[r] = _solve(
-                psi0 * eq0, psi0 * eu0, psi0 * ev0, psi0 * rq[k, r], psi0 * ru[k, r],
-                psi0 * rv[k, r], bi, bq, bu, bv)
-    for r in range(n_rays):
-        out[r, 0] = i_[r]
-        out[r, 1] = q_[r]
-        out[r, 2] = u_[r]
-        out[r, 3] = v_[r]
+            si, sq, su, sv = _solve(psi0 * eq0, psi0 * eu0, psi0 * ev0, psi0 * rq_r[k],
+                                    psi0 * ru_r[k], psi0 * rv_r[k], bi, bq, bu, bv)
+        out[r, 0] = si
+        out[r, 1] = sq
+        out[r, 2] = su
+        out[r, 3] = sv
 
 
-def _control(s0, s1, s_up, step, h_up, deriv_low, outer):
-    """Clamped Bézier control point of the interval [s0 (top), s1] and the
-    derivative at ``s0`` (Fritsch–Butland, one-sided at the top)."""
-    slope = (s1 - s0) / step
+def _control(s0, s1, slope, slope_up, step, h_up, deriv_low, outer):
+    """Clamped Bézier control point of the interval [s0 (top), s1] (slope
+    ``slope``) and the derivative at ``s0`` (Fritsch–Butland with the slope
+    ``slope_up`` of the interval above, one-sided at the top)."""
     deriv_high = slope
     if not outer:
-        deriv_high = _fritsch_butland((s0 - s_up) / h_up, slope, h_up, step)
+        deriv_high = _fritsch_butland(slope_up, slope, h_up, step)
     upper = s0 + 0.5 * step * deriv_high
     lower = s1 - 0.5 * step * deriv_low
     control = 0.5 * (upper + lower)
@@ -730,9 +755,9 @@ def polarized_lines(
     inside its window, per Zeeman component the Voigt ``H`` and
     Faraday–Voigt ``L`` of :func:`~iris_lab.synthesis.profiles.voigt_faraday`
     at ``v − shift · Δλ_B/Δλ_D``, summed with the component weights into the
-    σ_b, π, σ_r groups and with the line strength over lines (compiled),
-    then combined with the field inclination γ and azimuth χ (torch, the
-    same expressions as the torch path).
+    σ_b, π, σ_r groups and with the line strength over lines, then combined
+    with the field inclination γ and azimuth χ (the same expressions), all
+    in one compiled kernel.
 
     Parameters
     ----------
@@ -775,7 +800,8 @@ def polarized_lines(
     n_lambda, depth = continuum.shape[-2:]
     n_lines = centre.shape[-2]
     batch = torch.broadcast_shapes(*(x.shape[:-2] for x in (
-        continuum, centre, inv_doppler, damping, strength, larmor)))
+        continuum, centre, inv_doppler, damping, strength, larmor)),
+        inclination.shape[:-1], azimuth.shape[:-1])
     shape = (*batch, n_lines, depth)
     per_line = [_array(x, shape).reshape(-1, n_lines, depth)
                 for x in (centre, inv_doppler, damping, strength, larmor)]
@@ -789,27 +815,18 @@ def polarized_lines(
     pairs, coefficients, scale = _constants(int(n_terms))
     lam = np.ascontiguousarray(wavelengths.detach().numpy(), dtype=np.float64)
     n_flat = per_line[0].shape[0]
-    acc = np.zeros((n_flat, 6, depth, n_lambda))
-    _compiled().polarized_lines(acc, lam, *per_line, j0, j1, first, group, shift, weight,
-                                pairs, coefficients, scale, float(FAR_WING))
-    acc = np.ascontiguousarray(acc.transpose(0, 1, 3, 2))
-    acc_t = torch.from_numpy(acc).reshape(*batch, 6, n_lambda, depth).unbind(-3)
-    # the torch path's combination, same expressions (…, 1, D)
-    sin2 = (torch.sin(inclination) ** 2).unsqueeze(-2)
-    cos_g = torch.cos(inclination).unsqueeze(-2)
-    cos2chi = torch.cos(2.0 * azimuth).unsqueeze(-2)
-    sin2chi = torch.sin(2.0 * azimuth).unsqueeze(-2)
-
-    def combine(blue, pi, red):
-        sigma = 0.5 * (blue + red)
-        i_term = 0.5 * (pi * sin2 + sigma * (1.0 + cos_g**2))
-        lin = 0.5 * (pi - sigma) * sin2
-        circ = 0.5 * (red - blue) * cos_g
-        return i_term, lin * cos2chi, lin * sin2chi, circ
-
-    e_i, e_q, e_u, e_v = combine(*acc_t[:3])
-    _, r_q, r_u, r_v = combine(*acc_t[3:])
-    return {"i": continuum + e_i, "q": e_q, "u": e_u, "v": e_v}, {"q": r_q, "u": r_u, "v": r_v}
+    # the torch path's angle factors (…, D), one row each
+    angles = torch.stack(torch.broadcast_tensors(
+        torch.sin(inclination) ** 2, 1.0 + torch.cos(inclination) ** 2, torch.cos(inclination),
+        torch.cos(2.0 * azimuth), torch.sin(2.0 * azimuth)))
+    angles = _array(angles, (5, *batch, depth)).reshape(5, n_flat, depth)
+    kappa = _array(continuum, (*batch, n_lambda, depth)).reshape(n_flat, n_lambda, depth)
+    out = np.empty((7, n_flat, n_lambda, depth))
+    _compiled().polarized_lines(out, kappa, angles, lam, *per_line, j0, j1, first, group,
+                                shift, weight, pairs, coefficients, scale, float(FAR_WING))
+    e_i, e_q, e_u, e_v, r_q, r_u, r_v = torch.from_numpy(out).reshape(
+        7, *batch, n_lambda, depth).unbind(0)
+    return {"i": e_i, "q": e_q, "u": e_u, "v": e_v}, {"q": r_q, "u": r_u, "v": r_v}
 
 
 def delo_bezier(tau: torch.Tensor, planck: torch.Tensor,
@@ -826,12 +843,11 @@ def delo_bezier(tau: torch.Tensor, planck: torch.Tensor,
     2.5
     """
     shape = torch.broadcast_shapes(tau.shape, planck.shape, *(r.shape for r in ratios))
-    columns = [np.ascontiguousarray(_array(x, shape).reshape(-1, shape[-1]).T)
-               for x in (tau, planck, *ratios)]
+    rows = [_array(x, shape).reshape(-1, shape[-1]) for x in (tau, planck, *ratios)]
     series = tuple(tuple(float(c) for c in formal._SERIES[key])
                    for key in ((0, 1), (1, 0), (0, 2), (1, 1), (2, 0)))
     if any(len(c) != 9 for c in series):
         return formal.delo_bezier(tau, planck, ratios)
-    out = np.empty((columns[0].shape[1], 4))
-    _compiled().delo_bezier(*columns, series, float(formal._SMALL_STEP), out)
+    out = np.empty((rows[0].shape[0], 4))
+    _compiled().delo_bezier(*rows, series, float(formal._SMALL_STEP), out)
     return torch.from_numpy(out.reshape(*shape[:-1], 4))
