@@ -17,11 +17,24 @@ the continuum (``--cutoff``, the engine's ``line_cutoff``; ``--cutoff 0``
 evaluates every line on the whole grid); the rms difference to Lightweaver is
 measured with the same setting.
 
-On the CPU, Stokes I without gradients runs the compiled kernels of
+On the CPU, spectra without gradients run the compiled kernels of
 :mod:`iris_lab.synthesis.fused` (numba); ``--no-fused`` times the torch
 kernels that autodiff uses.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/lte_synthesis.py --threads 1 --chunk 8``.
+``--iquv``: polarized Stokes IQUV instead (all Zeeman components of the 18
+lines; per atmosphere a random field of 0-3 kG, inclination and azimuth,
+constant with depth). Compiled kernels on the N atmospheres against the
+torch kernels (``fused=False``, the autodiff path) on the first
+``--torch-n`` of them, in the same run, with the largest difference of the
+two relative to Stokes I; Lightweaver is not run.
+
+``--iquv --coupled``: the same comparison on the coupled inversion's forward
+model (:mod:`iris_lab.inversion.experiment`: lines 11-15, 28 wavelengths at
+20 mÅ, 24 log τ500 depths, hydrostatic equilibrium in every call, no line
+cutoff).
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/lte_synthesis.py --threads 1 --chunk 8``
+(``--iquv --n 200 --torch-n 24`` for the polarized comparison).
 """
 
 from __future__ import annotations
@@ -35,13 +48,14 @@ import numpy as np
 import torch
 
 
-def atmospheres(n: int, seed: int = 0):
+def atmospheres(n: int, seed: int = 0, log_tau: np.ndarray | None = None):
     from iris_lab import eos
     from iris_lab.atmosphere import Atmosphere
     from iris_lab.nodes import NodeModel
 
     rng = np.random.default_rng(seed)
-    log_tau = np.round(np.linspace(-4.0, 1.0, 51), 6)
+    if log_tau is None:
+        log_tau = np.round(np.linspace(-4.0, 1.0, 51), 6)
     model = NodeModel({"temperature": [-3.0, -2.0, -1.0, 0.0], "v_los": [-1.0],
                        "v_turb": [-1.0]}, log_tau=log_tau)
     params = model.parameters_from(Atmosphere.reference("falc")).numpy()
@@ -57,6 +71,60 @@ def atmospheres(n: int, seed: int = 0):
             "n_h": he["n_h"], "log_tau": fields["log_tau"].expand(n, -1)}
 
 
+def magnetic(fields: dict, seed: int = 1) -> dict:
+    """``fields`` with a random B (0-3 kG), inclination and azimuth per atmosphere."""
+    n, depth = fields["temperature"].shape
+    rng = np.random.default_rng(seed)
+
+    def column(low: float, high: float) -> torch.Tensor:
+        return torch.tensor(rng.uniform(low, high, (n, 1))).expand(n, depth)
+
+    return {**fields, "b_field": column(0.0, 3000.0), "inclination": column(0.0, np.pi),
+            "azimuth": column(0.0, np.pi)}
+
+
+def run_iquv(args, lines, wavelengths, fields, cutoff) -> None:
+    """Stokes IQUV: compiled kernels vs the torch kernels in the same run."""
+    from iris_lab.synthesis.lte import LTESynthesizer
+
+    names = ("height", "temperature", "v_los", "v_turb", "n_e", "n_h", "b_field",
+             "inclination", "azimuth")
+    if args.coupled:       # log τ scale: hydrostatic equilibrium inside every call
+        names = ("log_tau", *names[1:4], *names[6:])
+    fields = {k: v for k, v in magnetic(fields).items() if k in names}
+    n_torch = min(args.torch_n, args.n)
+    rows = {}
+    spectra = {}
+    for label, fused, n in (("compiled (numba)", True, args.n),
+                            ("torch kernels (fused=False)", False, n_torch)):
+        synth = LTESynthesizer(lines, wavelengths, line_cutoff=cutoff, fused=fused)
+        with torch.no_grad():
+            synth.stokes({k: v[:2] for k, v in fields.items()})    # warm-up (and compile)
+            start, cpu = time.perf_counter(), time.process_time()
+            out = [synth.stokes({k: v[i:min(i + args.chunk, n)] for k, v in fields.items()})
+                   for i in range(0, n, args.chunk)]
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        spectra[fused] = torch.cat(out)[:n_torch]
+        rows[label] = (n, wall, cpu)
+    ref = spectra[False]
+    diff = float(((spectra[True] - ref).abs() / ref[..., :1, :].abs()).max())
+    n_comp = sum(len(c) for c in synth._components)
+    depth = fields["temperature"].shape[-1]
+    scale = "log tau (hydrostatic equilibrium per call)" if args.coupled else "heights"
+    print(f"LTE synthesis, Stokes IQUV, {len(lines)} lines ({n_comp} Zeeman components) x "
+          f"{wavelengths.size} wavelengths, {depth} depths on {scale}, B 0-3 kG, torch threads "
+          f"{args.threads}, chunks of {args.chunk}, line cutoff "
+          f"{'none' if cutoff is None else cutoff}")
+    print("| kernels | atmospheres | spectra/s | CPU s per spectrum |")
+    print("|---|---|---|---|")
+    for label, (n, wall, cpu) in rows.items():
+        print(f"| {label} | {n} | {n / wall:.1f} | {cpu / n:.4f} |")
+    (n_c, wall_c, cpu_c), (n_t, wall_t, cpu_t) = rows.values()
+    print(f"compiled / torch: {(n_c / wall_c) / (n_t / wall_t):.1f}x spectra/s, "
+          f"{(cpu_t / n_t) / (cpu_c / n_c):.1f}x CPU time per spectrum")
+    print(f"max |compiled - torch| / I over IQUV ({n_torch} atmospheres): {diff:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000)
@@ -68,6 +136,13 @@ def main() -> None:
                         help="line_cutoff of the engine (0: every line on the whole grid)")
     parser.add_argument("--no-fused", action="store_true",
                         help="torch kernels only (no numba kernels of iris_lab.synthesis.fused)")
+    parser.add_argument("--iquv", action="store_true",
+                        help="polarized Stokes IQUV: compiled vs torch kernels (no Lightweaver)")
+    parser.add_argument("--torch-n", type=int, default=24,
+                        help="atmospheres timed with the torch kernels in --iquv mode")
+    parser.add_argument("--coupled", action="store_true",
+                        help="with --iquv: the coupled inversion's forward model (5 lines, "
+                             "20 mÅ grid, 24 log τ depths, no line cutoff)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -79,8 +154,19 @@ def main() -> None:
 
     lines = LineList.shipped("4015_4017")
     wavelengths = np.linspace(4015.0, 4017.0, 501)
-    fields = atmospheres(args.n)
     cutoff = args.cutoff or None
+    if args.iquv and args.coupled:
+        from iris_lab.inversion import experiment
+
+        lines = lines.select(list(experiment.SMALL_LINES))
+        wavelengths = experiment.window_wavelengths(lines.wavelength_air)
+        fields = atmospheres(args.n, log_tau=experiment.small_log_tau())
+        run_iquv(args, lines, wavelengths, fields, None)
+        return
+    fields = atmospheres(args.n)
+    if args.iquv:
+        run_iquv(args, lines, wavelengths, fields, cutoff)
+        return
     synth = LTESynthesizer(lines, wavelengths, device=args.device, polarized=False,
                            line_cutoff=cutoff, fused=not args.no_fused)
     names = ("height", "temperature", "v_los", "v_turb", "n_e", "n_h")

@@ -332,10 +332,14 @@ def _polarized_lines(out, continuum, angles, lam, centre, inv_doppler, damping, 
     n_lambda = lam.shape[0]
     x0, w0 = pairs[0, 0], pairs[0, 1]
     x1, w1 = pairs[1, 0], pairs[1, 1]
-    h = np.empty(n_lambda)
-    l_ = np.empty(n_lambda)
+    n_comp_max = 1
+    for k in range(n_lines):
+        n_comp_max = max(n_comp_max, first[k + 1] - first[k])
+    h = np.empty((n_comp_max, n_lambda))
+    l_ = np.empty((n_comp_max, n_lambda))
+    spans = np.empty((n_comp_max, 3), dtype=np.int64)
     g = np.empty((6, n_lambda))
-    work = np.empty((7, n_lambda))
+    work = np.empty((10, n_comp_max * n_lambda))
     acc = np.empty((6, depth, n_lambda))
     for b in range(n_batch):
         acc[:] = 0.0
@@ -345,14 +349,17 @@ def _polarized_lines(out, continuum, angles, lam, centre, inv_doppler, damping, 
                 continue
             window = lam[lo_k:hi_k]
             n = hi_k - lo_k
+            c0 = first[k]
+            n_comp = first[k + 1] - c0
             for d in range(depth):
                 cen = centre[b, k, d]
                 inv = inv_doppler[b, k, d]
                 a = damping[b, k, d]
                 split = larmor[b, k, d]
-                g[:, :n] = 0.0
-                for c in range(first[k], first[k + 1]):
-                    off = shift[c] * split
+                packed = work[0]
+                m = 0
+                for q in range(n_comp):
+                    off = shift[c0 + q] * split
                     # v = (λ − cen) · inv − off rises with λ: the points with
                     # |v| + a < far_wing are one span [lo, hi) around v = 0
                     lo, hi = 0, n
@@ -367,21 +374,41 @@ def _polarized_lines(out, continuum, angles, lam, centre, inv_doppler, damping, 
                         hi += 1
                     while lo > 0 and abs((window[lo - 1] - cen) * inv - off) + a < far_wing:
                         lo -= 1
+                    hq = h[q]
+                    lq = l_[q]
                     for t in range(lo):              # far wing outside the span
-                        h[t], l_[t] = _far_wing_hl((window[t] - cen) * inv - off, a,
-                                                   x0, w0, x1, w1)
+                        hq[t], lq[t] = _far_wing_hl((window[t] - cen) * inv - off, a,
+                                                    x0, w0, x1, w1)
                     for t in range(hi, n):
-                        h[t], l_[t] = _far_wing_hl((window[t] - cen) * inv - off, a,
-                                                   x0, w0, x1, w1)
-                    if lo < hi:                      # Weideman inside
-                        _core_hl(h, l_, window, cen, inv, off, a, lo, hi, coefficients,
-                                 scale, work)
-                    wc = weight[c]
-                    gh = g[group[c]]
-                    gl = g[group[c] + 3]
+                        hq[t], lq[t] = _far_wing_hl((window[t] - cen) * inv - off, a,
+                                                    x0, w0, x1, w1)
+                    for t in range(lo, hi):          # the span, packed for Weideman
+                        packed[m + t - lo] = (window[t] - cen) * inv - off
+                    spans[q, 0] = lo
+                    spans[q, 1] = hi
+                    spans[q, 2] = m
+                    m += hi - lo
+                if m > 0:                            # Weideman on all spans at once
+                    _core_hl(work, m, a, coefficients, scale)
+                    core_h = work[8]
+                    core_l = work[9]
+                    for q in range(n_comp):
+                        lo, hi, start = spans[q, 0], spans[q, 1], spans[q, 2]
+                        hq = h[q]
+                        lq = l_[q]
+                        for t in range(lo, hi):
+                            hq[t] = core_h[start + t - lo]
+                            lq[t] = core_l[start + t - lo]
+                g[:, :n] = 0.0
+                for q in range(n_comp):
+                    wc = weight[c0 + q]
+                    gh = g[group[c0 + q]]
+                    gl = g[group[c0 + q] + 3]
+                    hq = h[q]
+                    lq = l_[q]
                     for t in range(n):
-                        gh[t] += wc * h[t]
-                        gl[t] += wc * l_[t]
+                        gh[t] += wc * hq[t]
+                        gl[t] += wc * lq[t]
                 s = strength[b, k, d]
                 for p in range(6):
                     row = acc[p, d, lo_k:hi_k]
@@ -423,17 +450,17 @@ def _far_wing_hl(v, a, x0, w0, x1, w1):
     return h * (a * _TWO_OVER_PI), f * v * _TWO_OVER_PI
 
 
-def _core_hl(h, l_, window, cen, inv, off, a, lo, hi, coefficients, scale, work):
-    """Weideman's expansion of ``(H, L)`` into ``h``, ``l_`` at the points
-    ``lo … hi − 1`` of ``v = (window − cen) · inv − off`` (the arithmetic of
-    :func:`_core`); ``work`` (7, ≥ hi − lo) is scratch."""
-    n = hi - lo
-    zr, zi, two_x, r2, b1, b2 = work[0], work[1], work[2], work[3], work[4], work[5]
-    inverse = work[6]
+def _core_hl(work, n, a, coefficients, scale):
+    """Weideman's expansion of ``(H, L)`` at ``n`` points ``v = work[0, :n]``
+    of damping ``a`` into ``work[8, :n]``, ``work[9, :n]`` (the arithmetic of
+    :func:`_core`; rows 1-7 are scratch)."""
+    v = work[0]
+    zr, zi, two_x, r2, b1, b2 = work[1], work[2], work[3], work[4], work[5], work[6]
+    inverse, h, l_ = work[7], work[8], work[9]
     c0 = coefficients[0]
     la = scale + a
     for t in range(n):
-        vv = (window[lo + t] - cen) * inv - off
+        vv = v[t]
         inv_d2 = 1.0 / (la * la + vv * vv)
         inverse[t] = inv_d2
         x = (scale * scale - a * a - vv * vv) * inv_d2
@@ -484,7 +511,7 @@ def _core_hl(h, l_, window, cen, inv, off, a, lo, hi, coefficients, scale, work)
             b2[t] = b1[t]
             b1[t] = q1
     for t in range(n):
-        vv = (window[lo + t] - cen) * inv - off
+        vv = v[t]
         inv_d2 = inverse[t]
         pr = b1[t] - zr[t] * b2[t]
         pi = zi[t] * b2[t]
@@ -492,8 +519,8 @@ def _core_hl(h, l_, window, cen, inv, off, a, lo, hi, coefficients, scale, work)
         ii = vv * inv_d2
         sr = ir * ir - ii * ii
         si = 2.0 * ir * ii
-        h[lo + t] = 2.0 * (pr * sr - pi * si) + _SQRT_PI_INV * ir
-        l_[lo + t] = 2.0 * (pr * si + pi * sr) + _SQRT_PI_INV * ii
+        h[t] = 2.0 * (pr * sr - pi * si) + _SQRT_PI_INV * ir
+        l_[t] = 2.0 * (pr * si + pi * sr) + _SQRT_PI_INV * ii
 
 
 def _delo_bezier(tau, planck, eq, eu, ev, rq, ru, rv, series, small_step, out):
