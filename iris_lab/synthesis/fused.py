@@ -11,7 +11,13 @@ arithmetic point by point in compiled loops:
   same Goertzel recurrence) where ``|v| + a <`` :data:`~iris_lab.synthesis.
   profiles.FAR_WING`, each line only inside its wavelength window;
 * :func:`bezier_intensity` — the unpolarized quadratic-Bézier formal
-  solution (:func:`iris_lab.synthesis.formal.bezier_intensity`).
+  solution (:func:`iris_lab.synthesis.formal.bezier_intensity`);
+* :func:`polarized_lines` — the polarized propagation matrix: per line and
+  Zeeman component ``H`` and the Faraday–Voigt ``L`` (same far wing, core
+  and switch), summed into the σ_b, π, σ_r groups and combined with the
+  field's inclination and azimuth into η_I … ρ_V;
+* :func:`delo_bezier` — the polarized DELO-Bézier formal solution
+  (:func:`iris_lab.synthesis.formal.delo_bezier`, thermalised boundary).
 
 They reproduce the torch path to rounding (tested to 1e-10 relative) and are
 used only where no derivative is wanted: CPU tensors, no ``requires_grad``,

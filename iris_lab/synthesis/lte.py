@@ -17,9 +17,10 @@ emergent Stokes vector ``(..., 4, wavelength)`` of a list of blended lines:
    Landolfi 2004, eqs. 9.32);
 4. the DELO-Bézier formal solver (:mod:`iris_lab.synthesis.formal`) at any μ.
 
-Stokes I without gradients on the CPU runs compiled (numba) kernels for the
-line opacity and the formal solver (:mod:`iris_lab.synthesis.fused`, same
-arithmetic); everything else, and every derivative, is torch.
+Spectra without gradients on the CPU (Stokes I and the polarized IQUV) run
+compiled (numba) kernels for the line opacities (propagation matrix) and the
+formal solvers (:mod:`iris_lab.synthesis.fused`, same arithmetic); everything
+else, and every derivative, is torch.
 
 Everything is float64 torch with no data-dependent control flow inside the
 synthesis, so ``torch.func.jacfwd`` / ``vmap`` give response functions to the
@@ -260,8 +261,9 @@ class LTESynthesizer:
         atmosphere, so use ``None`` for finite-difference derivatives.
     fused
         Use the compiled (numba) kernels of :mod:`iris_lab.synthesis.fused`
-        for Stokes I where no derivative is wanted (CPU, no ``requires_grad``,
-        outside ``torch.func`` transforms); same result as torch to rounding.
+        for Stokes I and IQUV where no derivative is wanted (CPU float64, no
+        ``requires_grad``, outside ``torch.func`` transforms, no forward-AD
+        tangent); same result as torch to rounding.
         Ignored without numba; ``False`` always runs torch.
 
     Raises
