@@ -332,7 +332,8 @@ def _polarized_lines(out, continuum, angles, lam, centre, inv_doppler, damping, 
     ``weight``); sums and the combination run in the torch path's order
     (components within a group, then lines). The inner loops run along
     wavelength (a line's window) at one depth: the near-core points of a
-    component are one contiguous span there.
+    component are one contiguous span there, and the spans of all the
+    line's components go through Weideman's expansion together.
     """
     n_batch, n_lines, depth = centre.shape
     n_lambda = lam.shape[0]
