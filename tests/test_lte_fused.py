@@ -233,3 +233,34 @@ def test_polarized_derivatives_take_the_torch_path(monkeypatch):
     stokes[..., 3, :].sum().backward()
     assert b.grad is not None and float(b.grad.abs().max()) > 0.0
     assert _relative(stokes.detach(), plain) < 1e-10
+
+
+def test_duplicate_atmospheres_share_one_hydrostatic_equilibrium(monkeypatch):
+    """No-grad CPU batches: rows with the same (log τ, T, v_turb) (finite-difference
+    Jacobian columns of other parameters) get one hydrostatic equilibrium, and
+    the spectra equal the torch path's (which solves every row)."""
+    from iris_lab import eos
+
+    lines = LineList.shipped("4015_4017").select([12])
+    grid = np.linspace(4016.3, 4016.55, 11)
+    depth = 20
+    log_tau = torch.linspace(-3.6, 1.0, depth, dtype=torch.float64)
+    t0 = torch.tensor(np.interp(log_tau.numpy(), FALC.log_tau, FALC.temperature))
+    temperature = torch.stack([t0, t0, t0 * 1.01, t0, t0 * 1.01])
+    f = {"log_tau": log_tau.expand(5, depth), "temperature": temperature}
+    f = _magnetic(f, [1000.0, 1500.0, 1000.0, 1000.0, 1000.0], [0.5] * 5, [0.2] * 5)
+    rows = []
+    solve = eos.hydrostatic_equilibrium
+
+    def counting(log_tau, *args, **kwargs):
+        rows.append(log_tau.reshape(-1, log_tau.shape[-1]).shape[0])
+        return solve(log_tau, *args, **kwargs)
+
+    monkeypatch.setattr(eos, "hydrostatic_equilibrium", counting)
+    torch_path, compiled = _pair(lines, grid)
+    with torch.no_grad():
+        ours = compiled.stokes(f)
+        assert rows == [2]
+        reference = torch_path.stokes(f)
+        assert rows == [2, 5]
+    assert _relative(ours, reference) < 1e-10

@@ -494,10 +494,24 @@ class LTESynthesizer:
                 state["kappa500"] = opacity.kappa_500(t, n_e, state["n_h_neutral"],
                                                       n_protons=state["n_protons"])
             return state
+        names = ("n_e", "n_h", "n_h_neutral", "n_protons", "kappa500")
+        columns = (f["log_tau"], t, f["v_turb"])
+        if t.dim() > 1 and self._fused(*columns):
+            # no derivative wanted: atmospheres that share (log τ, T, v_turb),
+            # e.g. the finite-difference Jacobian columns of other parameters,
+            # share one hydrostatic equilibrium (each row's is independent)
+            depth = t.shape[-1]
+            rows = torch.cat([x.reshape(-1, depth) for x in columns], dim=-1)
+            unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+            if unique.shape[0] < rows.shape[0]:
+                he = eos.hydrostatic_equilibrium(
+                    unique[:, :depth], unique[:, depth:2 * depth], unique[:, 2 * depth:],
+                    abundances=self.abundances)
+                return {k: torch.broadcast_to(he[k], unique.shape[:1] + (depth,))[inverse]
+                        .reshape(t.shape) for k in names}
         he = eos.hydrostatic_equilibrium(f["log_tau"], t, f["v_turb"],
                                           abundances=self.abundances)
-        return {k: torch.broadcast_to(he[k], t.shape)
-                for k in ("n_e", "n_h", "n_h_neutral", "n_protons", "kappa500")}
+        return {k: torch.broadcast_to(he[k], t.shape) for k in names}
 
     def _continuum_kappa(self, f: dict[str, Tensor], state: dict[str, Tensor]) -> Tensor:
         """Continuum κ (..., λ, D): the default opacities at a few wavelengths,
