@@ -270,6 +270,31 @@ def test_reseeding_frees_stuck_pixels_and_the_global_parameters(jacobian):
     assert float(resid.sum()) == pytest.approx(float(reseeded.chi2_.sum()), rel=1e-10)
 
 
+def test_local_warmup_is_a_per_pixel_fit_at_the_starting_global_parameters():
+    # no coupled iteration after the warm-up: the result is exactly the per-pixel
+    # LM fit of the local parameters with the global ones held at global0
+    from iris_lab.inversion.lm import LevenbergMarquardt
+
+    t = torch.linspace(0, 6, 40, dtype=DT)
+
+    def fwd(x, g):
+        return g[:, :1] * torch.sin(x[:, :1] * t) + g[:, 1:2] + x[:, 1:2] * t
+
+    truth = torch.stack([torch.linspace(1.0, 1.5, 6, dtype=DT),
+                         torch.linspace(-0.1, 0.1, 6, dtype=DT)], -1)
+    g0 = torch.tensor([0.7, 0.05], dtype=DT)
+    obs = fwd(truth, torch.tensor([[0.8, 0.1]], dtype=DT).expand(6, 2))
+    x0 = torch.tensor([[1.2, 0.0]], dtype=DT).expand(6, 2)
+    cl = CoupledLevenbergMarquardt(max_iter=0, local_warmup=15, uncertainties=False).fit(
+        fwd, obs, x0, g0, sigma=0.01, local_lower=[0.2, -1.0], local_upper=[4.0, 1.0])
+    ref = LevenbergMarquardt(max_iter=15, lam0=cl.lam0, uncertainties=False).fit(
+        lambda z: fwd(z, g0.expand(z.shape[0], 2)), obs, x0, sigma=0.01,
+        lower=[0.2, -1.0], upper=[4.0, 1.0])
+    assert torch.allclose(cl.local_, ref.x_, atol=1e-12)
+    assert torch.equal(cl.global_, g0)
+    assert not torch.allclose(cl.local_, x0)                 # the warm-up did move them
+
+
 def test_checkpoint_resume_and_flags(tmp_path):
     local = make_pixels(6, seed=12)
     gf, dl = true_offsets()

@@ -281,6 +281,12 @@ class CoupledLevenbergMarquardt:
     chi2_target
         Do not perturb once χ²_ν is at or below this (e.g. 1.0 with real
         noise); ``None`` perturbs on every stall.
+    local_warmup
+        Per-pixel Levenberg–Marquardt iterations of the local parameters,
+        global parameters held at ``global0``, before the coupled iterations:
+        each pixel with its own Marquardt parameter reaches a good atmosphere
+        for the starting atomic data much faster than under the one shared
+        Marquardt parameter of the coupled problem (0: off).
     n_reseeds, reseed_every, reseed_factor, reseed_pool, reseed_candidates, reseed_iterations
         Pixel reseeding after stalls and every ``reseed_every`` iterations
         (at most ``n_reseeds`` times; tried before the perturbation
@@ -317,7 +323,8 @@ class CoupledLevenbergMarquardt:
                  n_perturbations: int = 0, perturbation_scale: float = 0.05,
                  global_perturbation_scale: float = 0.0, stall_iterations: int = 3,
                  stall_ftol: float = 1e-3, chi2_target: float | None = None,
-                 n_reseeds: int = 0, reseed_every: int | None = 8, reseed_factor: float = 3.0,
+                 local_warmup: int = 0, n_reseeds: int = 0, reseed_every: int | None = 8,
+                 reseed_factor: float = 3.0,
                  reseed_pool: int = 64, reseed_candidates: int = 4, reseed_iterations: int = 8,
                  jacobian: str = "jvp", chunk_size: int = 256, uncertainties: bool = True,
                  seed: int = 0, progress: bool = False, device: str | torch.device = "cpu",
@@ -334,6 +341,7 @@ class CoupledLevenbergMarquardt:
         self.stall_iterations = stall_iterations
         self.stall_ftol = stall_ftol
         self.chi2_target = chi2_target
+        self.local_warmup = local_warmup
         self.n_reseeds = n_reseeds
         self.reseed_every = reseed_every
         self.reseed_factor = reseed_factor
@@ -485,6 +493,8 @@ class CoupledLevenbergMarquardt:
         state = {"iteration": 0, "lam": self.lam0, "perturbations": 0, "reseeds": 0}
         if checkpoint is not None and Path(checkpoint).exists():
             x, g, state = self._read_checkpoint(checkpoint, x, g)
+        elif self.local_warmup > 0:
+            x, _ = self._local_fit(forward, x, g, obs, sqrt_w, lo, hi, self.local_warmup)
         gen = torch.Generator(device="cpu").manual_seed(self.seed + state["perturbations"])
         # perturbation scales: the typical size of a parameter, capped by its
         # bound width (a wide box, T in 2800–1e5 K, would give kicks of ~5000 K)
@@ -650,8 +660,6 @@ class CoupledLevenbergMarquardt:
         """Refit the outlier pixels alone from several starts (see the class
         docstring); returns the new local parameters and how many pixels
         changed."""
-        from iris_lab.inversion.lm import LevenbergMarquardt
-
         used = sqrt_w > 0
         dof = used.sum(-1).clamp(min=1).to(self.dtype)
         red = chi2_pix / dof
@@ -682,9 +690,33 @@ class CoupledLevenbergMarquardt:
         pick = torch.argsort(screen_chi2, -1)[:, :n_c]
         starts = pool.gather(1, pick[..., None].expand(-1, -1, n)).reshape(n_s * n_c, n)
         rows = stuck_idx.repeat_interleave(n_c)
-        w_rows = sqrt_w[rows]
-        data = torch.where(w_rows > 0, obs[rows], torch.nan)
-        sigma = torch.where(w_rows > 0, 1.0 / torch.where(w_rows > 0, w_rows, 1.0), 1.0)
+        x_fit, chi2_fit = self._local_fit(forward, starts, g, obs[rows], sqrt_w[rows], lo, hi,
+                                          self.reseed_iterations)
+        refit = chi2_fit.reshape(n_s, n_c)
+        best_c = torch.argmin(refit, -1)
+        best_chi2 = refit.gather(1, best_c[:, None])[:, 0]
+        better = best_chi2 < torch.nan_to_num(chi2_pix[stuck_idx], nan=torch.inf)
+        x = x.clone()
+        chosen = x_fit.reshape(n_s, n_c, n)[torch.arange(n_s), best_c]
+        x[stuck_idx[better]] = chosen[better]
+        return x, int(better.sum())
+
+    def _local_fit(self, forward, x, g, obs, sqrt_w, lo, hi, max_iter: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel Levenberg–Marquardt of the local parameters with the
+        global ones held (each row its own pixel, Marquardt parameter and
+        acceptance); returns the parameters and their χ² (inf where not
+        finite). Rows without usable data keep their parameters."""
+        from iris_lab.inversion.lm import LevenbergMarquardt
+
+        has_data = (sqrt_w > 0).any(-1)
+        x_out = x.clone()
+        chi2_out = torch.full((x.shape[0],), torch.inf, dtype=self.dtype, device=self.device)
+        if not bool(has_data.any()):
+            return x_out, chi2_out
+        w = sqrt_w[has_data]
+        data = torch.where(w > 0, obs[has_data], torch.nan)
+        sigma = torch.where(w > 0, 1.0 / torch.where(w > 0, w, 1.0), 1.0)
 
         def single(z: torch.Tensor) -> torch.Tensor:
             # one global vector for every row (also the stacked rows of the
@@ -699,18 +731,15 @@ class CoupledLevenbergMarquardt:
             scale = _bound_scale(lo, hi).to(dtype=self.dtype, device=self.device)
             options = {"jacobian": lambda z, index=None: batched_finite_jacobian(
                 single, z, scale=scale)}
-        lm = LevenbergMarquardt(max_iter=self.reseed_iterations, lam0=self.lam0,
-                                uncertainties=False, device=self.device, dtype=self.dtype,
-                                **options)
-        lm.fit(single, data, starts, sigma=sigma, lower=lo, upper=hi)
-        refit = torch.nan_to_num(lm.result_.chi2, nan=torch.inf).reshape(n_s, n_c)
-        best_c = torch.argmin(refit, -1)
-        best_chi2 = refit.gather(1, best_c[:, None])[:, 0]
-        better = best_chi2 < torch.nan_to_num(chi2_pix[stuck_idx], nan=torch.inf)
-        x = x.clone()
-        chosen = lm.result_.x.reshape(n_s, n_c, n)[torch.arange(n_s), best_c]
-        x[stuck_idx[better]] = chosen[better]
-        return x, int(better.sum())
+        lm = LevenbergMarquardt(max_iter=max_iter, lam0=self.lam0, uncertainties=False,
+                                device=self.device, dtype=self.dtype, **options)
+        lm.fit(single, data, x[has_data], sigma=sigma, lower=lo, upper=hi)
+        chi2 = torch.nan_to_num(lm.result_.chi2, nan=torch.inf)
+        fitted = torch.isfinite(chi2)
+        rows = torch.nonzero(has_data).reshape(-1)
+        x_out[rows[fitted]] = lm.result_.x[fitted]
+        chi2_out[rows] = chi2
+        return x_out, chi2_out
 
     def _merge(self, forward, x, g, best, obs, sqrt_w):
         """Per pixel, keep the better of the current and the best local

@@ -174,7 +174,7 @@ def run_coupled_experiment(
     modes: Sequence[int | str] = (1, 2, 3, "averaged"), max_iter: int = 5,
     reference_line: int | None = None, sigma_log_gf: float = 0.2,
     sigma_dlambda: float = 0.005, jacobian: str = "batched", lam0: float = 0.1,
-    uncertainties: bool = False, n_reseeds: int = 3,
+    uncertainties: bool = False, n_reseeds: int = 3, local_warmup: int = 0,
     seed: int = 0, fov_seed: int = 0, device: str = "cpu", progress: bool = False,
 ):
     """Synthesise a field of view, perturb the atomic data, invert in every mode.
@@ -224,6 +224,10 @@ def run_coupled_experiment(
         (:class:`~iris_lab.inversion.coupled.CoupledLevenbergMarquardt`): a
         pixel stuck in a poor local minimum of its own drags the shared
         atomic data.
+    local_warmup
+        Per-pixel iterations of mode 3's atmospheres at the starting atomic
+        data before the coupled iterations (one Marquardt parameter per pixel;
+        ``max_iter`` coupled iterations follow).
     seed, fov_seed
         Seeds of the atomic-data perturbation and photon noise, and of the
         field of view.
@@ -330,7 +334,8 @@ def run_coupled_experiment(
     wall = np.full(n_m, nan)
     n_iter = np.zeros(n_m, dtype=int)
     coupled_opts = {"jacobian": jacobian, "uncertainties": uncertainties, "lam0": lam0,
-                    "chunk_size": max(n_pix, 1), "progress": progress, "n_reseeds": n_reseeds}
+                    "chunk_size": max(n_pix, 1), "progress": progress, "n_reseeds": n_reseeds,
+                    "local_warmup": local_warmup}
     lm_opts = {"jacobian": jacobian, "uncertainties": uncertainties, "lam0": lam0,
                "progress": progress}
     for im, mode in enumerate(modes):
@@ -422,7 +427,7 @@ def run_coupled_experiment(
             "snr": -1.0 if snr is None else float(snr),
             "sigma_log_gf": sigma_log_gf, "sigma_dlambda": sigma_dlambda,
             "max_iter": max_iter, "jacobian": jacobian, "seed": seed, "fov_seed": fov_seed,
-            "n_reseeds": n_reseeds,
+            "n_reseeds": n_reseeds, "local_warmup": local_warmup,
             **{f"nodes_{name}": np.asarray(v, dtype=float) for name, v in model.nodes.items()},
             "paper_mean_abs_log_gf_mode2": PAPER_MEAN_ABS_LOG_GF["2"],
             "paper_mean_abs_log_gf_mode3": PAPER_MEAN_ABS_LOG_GF["3"],
