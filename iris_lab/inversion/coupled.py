@@ -29,7 +29,12 @@ total χ² decreases. When the fit stalls (λ runs away or the relative χ²
 gain over ``stall_iterations`` accepted steps falls below ``stall_ftol``)
 while χ²_ν is above ``chi2_target``, the local parameters of the worse half
 of the pixels are randomly perturbed and the iteration continues (van Noort
-2012, A&A 548, A5); the best state ever reached is returned.
+2012, A&A 548, A5); the best state ever reached is returned. Before that,
+pixels stuck in a poor local minimum of their own (χ²_ν far above the
+median) are reseeded: refitted alone with the global parameters held, from
+the other pixels' solutions, keeping the refit only where it fits better;
+such a pixel would otherwise both stay stuck under the shared Marquardt
+parameter and pull the global parameters toward itself.
 
 :class:`AtomicInversion` wraps the globin modes (Vukadinović et al. 2024):
 1 atmosphere only (atomic data fixed), 2 atomic data free per pixel, 3
