@@ -208,9 +208,9 @@ def test_coupled_matches_scipy_on_stacked_problem():
     assert np.allclose(cl.global_.numpy(), ref.x[9:], atol=1e-6)
 
 
-def test_perturbation_restarts_escape_local_minima():
-    # a per-pixel frequency (strongly multimodal) and a shared amplitude/offset:
-    # from a common start some pixels converge to side lobes (local minima)
+def multimodal_problem():
+    """A per-pixel frequency (strongly multimodal) and a shared amplitude/offset,
+    16 pixels, noise 0.01: ``(forward, true frequencies, true globals, data)``."""
     t = torch.linspace(0, 6, 80, dtype=DT)
 
     def fwd(x, g):
@@ -219,7 +219,13 @@ def test_perturbation_restarts_escape_local_minima():
     freq = torch.linspace(1.0, 3.0, 16, dtype=DT)[:, None]
     g_true = torch.tensor([0.8, 0.1], dtype=DT)
     noise = torch.randn(16, 80, generator=torch.Generator().manual_seed(0), dtype=DT)
-    obs = fwd(freq, g_true.expand(16, 2)) + 0.01 * noise
+    return fwd, freq, g_true, fwd(freq, g_true.expand(16, 2)) + 0.01 * noise
+
+
+def test_perturbation_restarts_escape_local_minima():
+    # a per-pixel frequency (strongly multimodal) and a shared amplitude/offset:
+    # from a common start some pixels converge to side lobes (local minima)
+    fwd, freq, g_true, obs = multimodal_problem()
     kw = dict(max_iter=120, perturbation_scale=0.15, chi2_target=1.5, seed=0)
     fits = {}
     for n_pert in (0, 4):
@@ -243,15 +249,7 @@ def test_reseeding_frees_stuck_pixels_and_the_global_parameters(jacobian):
     # the multimodal problem above: from a common start 5 of 16 pixels settle in
     # side lobes and drag the shared amplitude to ~0.59 (truth 0.8). Reseeding
     # refits those pixels alone from the best of the other pixels' solutions.
-    t = torch.linspace(0, 6, 80, dtype=DT)
-
-    def fwd(x, g):
-        return g[:, :1] * torch.sin(x[:, :1] * t) + g[:, 1:2]
-
-    freq = torch.linspace(1.0, 3.0, 16, dtype=DT)[:, None]
-    g_true = torch.tensor([0.8, 0.1], dtype=DT)
-    noise = torch.randn(16, 80, generator=torch.Generator().manual_seed(0), dtype=DT)
-    obs = fwd(freq, g_true.expand(16, 2)) + 0.01 * noise
+    fwd, freq, g_true, obs = multimodal_problem()
     fits = {}
     for n_reseeds in (0, 3):
         fits[n_reseeds] = CoupledLevenbergMarquardt(max_iter=120, n_reseeds=n_reseeds,

@@ -429,11 +429,23 @@ class CoupledLevenbergMarquardt:
         model, jac = model.detach(), jac.detach()
         return model, jac[..., :n], jac[..., n:]
 
+    def _evaluate(self, forward: CoupledForward, x: torch.Tensor, g: torch.Tensor
+                  ) -> torch.Tensor:
+        """``forward`` pixel chunk by pixel chunk, one global vector for every
+        row (differentiable)."""
+        return torch.cat([forward(x[s:s + self.chunk_size],
+                                  g.expand(x[s:s + self.chunk_size].shape[0], g.shape[-1]))
+                          for s in range(0, x.shape[0], self.chunk_size)])
+
     def _model(self, forward: CoupledForward, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([forward(x[s:s + self.chunk_size],
-                                      g.expand(x[s:s + self.chunk_size].shape[0], g.shape[-1]))
-                              for s in range(0, x.shape[0], self.chunk_size)])
+            return self._evaluate(forward, x, g)
+
+    @staticmethod
+    def _row_chi2(model: torch.Tensor, obs: torch.Tensor, sqrt_w: torch.Tensor) -> torch.Tensor:
+        """Weighted χ² of every row; zero-weight samples drop out (also where
+        the model is not finite)."""
+        return torch.sum(torch.where(sqrt_w > 0, (model - obs) * sqrt_w, 0.0) ** 2, -1)
 
     # ------------------------------------------------------------------ fit
     def fit(self, forward: CoupledForward, observed: Any, local0: Any, global0: Any, *,
@@ -547,8 +559,7 @@ class CoupledLevenbergMarquardt:
             x_try = torch.minimum(torch.maximum(x + dx_s / dl, lo), hi)
             g_try = torch.minimum(torch.maximum(g + dg_s / dgs, glo), ghi)
             m_try = self._model(forward, x_try, g_try)
-            chi2_try_pix = torch.sum(torch.where(sqrt_w > 0, (m_try - obs) * sqrt_w, 0.0) ** 2,
-                                     -1)
+            chi2_try_pix = self._row_chi2(m_try, obs, sqrt_w)
             chi2_try = float(chi2_try_pix.sum())
             stalled = False
             if np.isfinite(chi2_try) and chi2_try < chi2:
@@ -615,7 +626,8 @@ class CoupledLevenbergMarquardt:
             if checkpoint is not None and (it + 1) % checkpoint_every == 0:
                 self._write_checkpoint(checkpoint, best[0], best[1],
                                        {"iteration": it + 1, "lam": lam,
-                                        "perturbations": state["perturbations"]})
+                                        "perturbations": state["perturbations"],
+                                        "reseeds": state["reseeds"]})
         else:
             it = self.max_iter - 1
         if state["perturbations"]:
@@ -657,6 +669,7 @@ class CoupledLevenbergMarquardt:
         if checkpoint is not None:
             self._write_checkpoint(checkpoint, x, g, {"iteration": self.n_iter_, "lam": lam,
                                                       "perturbations": state["perturbations"],
+                                                      "reseeds": state["reseeds"],
                                                       "finished": 1})
         return self
 
@@ -665,14 +678,13 @@ class CoupledLevenbergMarquardt:
         """Refit the outlier pixels alone from several starts (see the class
         docstring); returns the new local parameters and how many pixels
         changed."""
-        used = sqrt_w > 0
-        dof = used.sum(-1).clamp(min=1).to(self.dtype)
-        red = chi2_pix / dof
-        finite = torch.isfinite(red) & (used.sum(-1) > 0)
+        n_used = (sqrt_w > 0).sum(-1)
+        red = chi2_pix / n_used.clamp(min=1).to(self.dtype)
+        finite = torch.isfinite(red) & (n_used > 0)
         if not bool(finite.any()):
             return x, 0
         median = torch.median(red[finite])
-        stuck = (~torch.isfinite(red) | (red > self.reseed_factor * median)) & (used.sum(-1) > 0)
+        stuck = (~torch.isfinite(red) | (red > self.reseed_factor * median)) & (n_used > 0)
         stuck_idx = torch.nonzero(stuck).reshape(-1)
         if stuck_idx.numel() == 0:
             return x, 0
@@ -688,9 +700,8 @@ class CoupledLevenbergMarquardt:
         n_pool = pool.shape[1]
         rows = stuck_idx.repeat_interleave(n_pool)
         screen = self._model(forward, pool.reshape(-1, n), g)
-        w_rows = sqrt_w[rows]
-        resid = torch.where(w_rows > 0, (screen - obs[rows]) * w_rows, 0.0)
-        screen_chi2 = torch.nan_to_num((resid ** 2).sum(-1), nan=torch.inf).reshape(n_s, n_pool)
+        screen_chi2 = torch.nan_to_num(self._row_chi2(screen, obs[rows], sqrt_w[rows]),
+                                       nan=torch.inf).reshape(n_s, n_pool)
         n_c = min(self.reseed_candidates, n_pool)
         pick = torch.argsort(screen_chi2, -1)[:, :n_c]
         starts = pool.gather(1, pick[..., None].expand(-1, -1, n)).reshape(n_s * n_c, n)
@@ -726,9 +737,7 @@ class CoupledLevenbergMarquardt:
         def single(z: torch.Tensor) -> torch.Tensor:
             # one global vector for every row (also the stacked rows of the
             # finite-difference Jacobian)
-            return torch.cat([forward(z[s:s + self.chunk_size],
-                                      g.expand(z[s:s + self.chunk_size].shape[0], g.shape[-1]))
-                              for s in range(0, z.shape[0], self.chunk_size)])
+            return self._evaluate(forward, z, g)
 
         if self.jacobian == "jvp":
             options: dict[str, Any] = {"jacobian": "jvp"}
@@ -751,11 +760,8 @@ class CoupledLevenbergMarquardt:
         parameters, both evaluated with the current global parameters."""
         m_cur = self._model(forward, x, g)
         m_best = self._model(forward, best[0], g)
-        used = sqrt_w > 0
-        c_cur = torch.nan_to_num(torch.sum(torch.where(used, (m_cur - obs) * sqrt_w, 0.0) ** 2,
-                                           -1), nan=torch.inf)
-        c_best = torch.nan_to_num(torch.sum(torch.where(used, (m_best - obs) * sqrt_w, 0.0) ** 2,
-                                            -1), nan=torch.inf)
+        c_cur = torch.nan_to_num(self._row_chi2(m_cur, obs, sqrt_w), nan=torch.inf)
+        c_best = torch.nan_to_num(self._row_chi2(m_best, obs, sqrt_w), nan=torch.inf)
         take = c_best < c_cur
         chi2_pix = torch.where(take, c_best, c_cur)
         total = float(chi2_pix.sum())
@@ -799,7 +805,8 @@ class CoupledLevenbergMarquardt:
             raise ValueError(f"checkpoint {path} has shapes {tuple(xc.shape)}, {tuple(gc.shape)};"
                              f" the problem has {tuple(x.shape)}, {tuple(g.shape)}")
         state = {"iteration": int(ds.attrs["iteration"]), "lam": float(ds.attrs["lam"]),
-                 "perturbations": int(ds.attrs["perturbations"]), "reseeds": 0}
+                 "perturbations": int(ds.attrs["perturbations"]),
+                 "reseeds": int(ds.attrs.get("reseeds", 0))}
         if ds.attrs.get("finished"):
             state["iteration"] = self.max_iter
         return xc, gc, state
