@@ -195,25 +195,7 @@ def _core(h, v, a, coefficients, scale, far_wing, work):
         b2[d] = 0.0
     # P(Z) by the Goertzel recurrence b_t = c_t + 2 Re Z b_{t+1} − |Z|² b_{t+2},
     # two terms per pass (the two buffers swap roles)
-    n_terms = coefficients.shape[0]
-    t = 1
-    while t + 1 < n_terms:
-        c = coefficients[t]
-        c_next = coefficients[t + 1]
-        for d in range(depth):
-            x = two_x[d]
-            r = r2[d]
-            newer = (x * b1[d] + c) - r * b2[d]
-            b2[d] = (x * newer + c_next) - r * b1[d]
-            b1[d] = newer
-        b1, b2 = b2, b1
-        t += 2
-    if t < n_terms:
-        c = coefficients[t]
-        for d in range(depth):
-            newer = (two_x[d] * b1[d] + c) - r2[d] * b2[d]
-            b2[d] = b1[d]
-            b1[d] = newer
+    b1, b2 = _goertzel(b1, b2, two_x, r2, coefficients, 1, depth)
     for d in range(depth):
         aa = a[d]
         vv = v[d]
@@ -227,6 +209,32 @@ def _core(h, v, a, coefficients, scale, far_wing, work):
         si = 2.0 * ir * ii
         core = 2.0 * (pr * sr - pi * si) + _SQRT_PI_INV * ir
         h[d] = core if abs(vv) + aa < far_wing else h[d]
+
+
+def _goertzel(b1, b2, two_x, r2, coefficients, start, n):
+    """Goertzel passes ``b_t = c_t + 2 Re Z b_{t+1} − |Z|² b_{t+2}`` for the
+    terms ``start …`` of ``coefficients`` on the first ``n`` points, two terms
+    per pass (the two buffers swap roles); returns the buffers ``(b1, b2)``."""
+    n_terms = coefficients.shape[0]
+    t = start
+    while t + 1 < n_terms:
+        c = coefficients[t]
+        c_next = coefficients[t + 1]
+        for d in range(n):
+            x = two_x[d]
+            r = r2[d]
+            newer = (x * b1[d] + c) - r * b2[d]
+            b2[d] = (x * newer + c_next) - r * b1[d]
+            b1[d] = newer
+        b1, b2 = b2, b1
+        t += 2
+    if t < n_terms:
+        c = coefficients[t]
+        for d in range(n):
+            newer = (two_x[d] * b1[d] + c) - r2[d] * b2[d]
+            b2[d] = b1[d]
+            b1[d] = newer
+    return b1, b2
 
 
 def _bezier_intensity(tau, source, series, small_step, opaque):
@@ -500,23 +508,7 @@ def _core_hl(work, n, a, coefficients, scale):
             b1[t] = q9
             b2[t] = q8
         i += 8
-    while i + 1 < n_terms:
-        c1 = coefficients[i]
-        c2 = coefficients[i + 1]
-        for t in range(n):
-            x = two_x[t]
-            r = r2[t]
-            q1 = (x * b1[t] + c1) - r * b2[t]
-            b2[t] = (x * q1 + c2) - r * b1[t]
-            b1[t] = q1
-        b1, b2 = b2, b1
-        i += 2
-    if i < n_terms:
-        c1 = coefficients[i]
-        for t in range(n):
-            q1 = (two_x[t] * b1[t] + c1) - r2[t] * b2[t]
-            b2[t] = b1[t]
-            b1[t] = q1
+    b1, b2 = _goertzel(b1, b2, two_x, r2, coefficients, i, n)
     for t in range(n):
         vv = v[t]
         inv_d2 = inverse[t]
@@ -678,7 +670,7 @@ def _compiled() -> SimpleNamespace:
 
     for name in ("_far_wing", "_fritsch_butland", "_bezier_weights", "_horner9",
                  "_all_below", "_exp_small", "_far_wing_hl", "_control", "_delo_weights",
-                 "_solve"):
+                 "_solve", "_goertzel"):
         namespace[name] = compiled(globals()[name], inline="always")
     namespace["_core"] = compiled(_core)
     namespace["_core_hl"] = compiled(_core_hl)
