@@ -104,7 +104,7 @@ def test_sample_and_round_trip_fast_path_match_freia(inn):
                                inn._forward_y(xs, 50, fast=False).numpy(), rtol=1e-4, atol=1e-4)
     # the public sample() converts to CGS as x_to_atmosphere does
     out = inn.sample(y.numpy(), 6, seed=2)
-    assert out["n_e"].shape == (5, 6, N_HEIGHT) and out["n_e"].dtype == np.float64
+    assert out["n_e"].shape == (5, 6, N_HEIGHT) and out["n_e"].dtype == np.float32
     assert np.all(out["temperature"] > 0)
 
 
@@ -151,3 +151,31 @@ def test_oddeven_merge_network_sorts(n):
             if b[i] > b[j]:
                 b[i], b[j] = b[j], b[i]
         assert np.array_equal(b, np.sort(a))
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_x_to_atmosphere_kernel_and_torch_paths_match_float64(monkeypatch, use_kernels):
+    from iris_lab.methods.inn import x_to_atmosphere
+
+    if use_kernels and load_kernels() is None:
+        pytest.skip("no C compiler for the fused kernels")
+    if not use_kernels:
+        monkeypatch.setenv("IRIS_LAB_NO_KERNELS", "1")
+    rng = np.random.default_rng(5)
+    nh = 7
+    x = np.concatenate([rng.uniform(8, 16, (2, 3, nh)), rng.uniform(3.3, 7.5, (2, 3, nh)),
+                        rng.uniform(-2.5, 2.5, (2, 3, nh))], axis=-1).astype(np.float32)
+    x[0, 1, 2] = np.nan
+    x[1, 2, 2 * nh + 1] = 0.0
+    got = x_to_atmosphere(x, nh)
+    x64 = x.astype(np.float64)
+    ref = {"n_e": 10.0 ** x64[..., :nh], "temperature": 10.0 ** x64[..., nh:2 * nh],
+           "v_los": np.sign(x64[..., 2 * nh:]) * (10.0 ** np.abs(x64[..., 2 * nh:]) - 1) * 1e5}
+    for k, r in ref.items():
+        assert got[k].shape == (2, 3, nh) and got[k].dtype == np.float32
+        # float32 rounding of x ln 10 (|x| ≤ 16 → ≤ 37): ≤ 4 ulp of 37 ≈ 1.5e-5 relative
+        np.testing.assert_allclose(got[k], r, rtol=2e-5, atol=1e-3)
+    assert np.isnan(got["n_e"][0, 1, 2]) and np.isfinite(np.delete(got["n_e"].ravel(), 9)).all()
+    assert got["v_los"][1, 2, 1] == 0.0
+    with pytest.raises(ValueError, match="last axis"):
+        x_to_atmosphere(x[..., :-1], nh)
