@@ -19,6 +19,11 @@ arithmetic point by point in compiled loops:
 * :func:`delo_bezier` — the polarized DELO-Bézier formal solution
   (:func:`iris_lab.synthesis.formal.delo_bezier`, thermalised boundary).
 
+The kernels release the GIL and take a row range: :func:`add_lines`,
+:func:`polarized_lines` and :func:`delo_bezier` split their rows (pixels,
+perturbed copies, rays) into one block per thread of
+``torch.get_num_threads()``, with the same result bit for bit.
+
 They reproduce the torch path to rounding (tested to 1e-10 relative) and are
 used only where no derivative is wanted: CPU tensors, no ``requires_grad``,
 outside ``torch.func`` transforms and forward-mode AD (:func:`usable`). The
@@ -40,6 +45,7 @@ import functools
 import math
 import types
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -56,6 +62,9 @@ __all__ = ["add_lines", "available", "bezier_intensity", "delo_bezier", "polariz
 
 _TWO_OVER_PI = 2.0 / math.pi
 _SQRT_PI_INV = 1.0 / math.sqrt(math.pi)
+#: Rows below which a thread is not worth starting (a row is one pixel, or one
+#: pixel's perturbed copy, of tens of wavelengths × depths: ~50 µs or more).
+_MIN_ROWS_PER_THREAD = 4
 #: The formal solution stops where the attenuation e^{-(τ - τ₀)} of every
 #: ray is below this (τ - τ₀ > 50: invisible at float64 precision).
 _OPAQUE = math.exp(-50.0)
@@ -111,15 +120,16 @@ def usable(*tensors: torch.Tensor) -> bool:
 # Kernels as plain Python (compiled lazily by numba, see _compiled; they also
 # run, slowly, as Python).
 def _add_lines(out, lam, centre, inv_doppler, damping, strength, j0, j1,
-               pairs, coefficients, scale, far_wing):
-    """``out (B, Λ, D) += Σ_k strength_k H(a_k, v_k)`` inside each window."""
-    n_batch, n_lines, depth = centre.shape
+               pairs, coefficients, scale, far_wing, b_start, b_stop):
+    """``out (B, Λ, D) += Σ_k strength_k H(a_k, v_k)`` inside each window, for
+    the rows ``b_start … b_stop − 1``."""
+    n_lines, depth = centre.shape[1:]
     x0, w0 = pairs[0, 0], pairs[0, 1]
     x1, w1 = pairs[1, 0], pairs[1, 1]
     h = np.empty(depth)
     v = np.empty(depth)
     work = np.empty((6, depth))
-    for b in range(n_batch):
+    for b in range(b_start, b_stop):
         for k in range(n_lines):
             cen = centre[b, k]
             inv = inv_doppler[b, k]
@@ -330,8 +340,9 @@ def _horner9(c, x):
 
 def _polarized_lines(out, continuum, angles, lam, centre, inv_doppler, damping, strength,
                      larmor, j0, j1, first, group, shift, weight, pairs, coefficients,
-                     scale, far_wing):
-    """``out (7, B, Λ, D)``: η_I (with ``continuum``), η_Q, η_U, η_V, ρ_Q, ρ_U, ρ_V.
+                     scale, far_wing, b_start, b_stop):
+    """``out (7, B, Λ, D)``: η_I (with ``continuum``), η_Q, η_U, η_V, ρ_Q, ρ_U, ρ_V,
+    for the rows ``b_start … b_stop − 1``.
 
     Per Zeeman group (σ_b, π, σ_r) ``Σ_k S_k Σ_c w_c H`` and the same with
     ``L``, each line inside its window, combined with ``angles (5, B, D)``:
@@ -343,7 +354,7 @@ def _polarized_lines(out, continuum, angles, lam, centre, inv_doppler, damping, 
     component are one contiguous span there, and the spans of all the
     line's components go through Weideman's expansion together.
     """
-    n_batch, n_lines, depth = centre.shape
+    n_lines, depth = centre.shape[1:]
     n_lambda = lam.shape[0]
     x0, w0 = pairs[0, 0], pairs[0, 1]
     x1, w1 = pairs[1, 0], pairs[1, 1]
@@ -356,7 +367,7 @@ def _polarized_lines(out, continuum, angles, lam, centre, inv_doppler, damping, 
     g = np.empty((6, n_lambda))
     work = np.empty((10, n_comp_max * n_lambda))
     acc = np.empty((6, depth, n_lambda))
-    for b in range(n_batch):
+    for b in range(b_start, b_stop):
         acc[:] = 0.0
         for k in range(n_lines):
             lo_k, hi_k = j0[k], j1[k]
@@ -522,17 +533,19 @@ def _core_hl(work, n, a, coefficients, scale):
         l_[t] = 2.0 * (pr * si + pi * sr) + _SQRT_PI_INV * ii
 
 
-def _delo_bezier(tau, planck, eq, eu, ev, rq, ru, rv, series, small_step, out):
-    """Emergent Stokes vector ``out (R, 4)`` of each row of the (R, D) inputs.
+def _delo_bezier(tau, planck, eq, eu, ev, rq, ru, rv, series, small_step, out, r_start,
+                 r_stop):
+    """Emergent Stokes vector ``out (R, 4)`` of the rows ``r_start … r_stop − 1``
+    of the (R, D) inputs.
 
     The DELO-Bézier recursion of :func:`iris_lab.synthesis.formal.delo_bezier`
     from the thermalised bottom up, one ray at a time (its state stays in
     registers). ``series``: the five 9-term Taylor series of the weights
     (ψ₀, ψ_u, w₀, w_c, w_u) used below ``small_step``.
     """
-    n_rays, depth = tau.shape
+    depth = tau.shape[1]
     last = depth - 1
-    for r in range(n_rays):
+    for r in range(r_start, r_stop):
         t_r, p_r = tau[r], planck[r]
         eq_r, eu_r, ev_r = eq[r], eu[r], ev[r]
         rq_r, ru_r, rv_r = rq[r], ru[r], rv[r]
@@ -687,6 +700,24 @@ def _constants(n_terms: int) -> tuple[np.ndarray, np.ndarray, float]:
     return pairs, np.array(coefficients, dtype=np.float64), float(scale)
 
 
+def _in_threads(kernel, n_rows: int, *args) -> None:
+    """``kernel(*args, start, stop)`` over the rows ``0 … n_rows − 1`` in
+    contiguous blocks, one per thread of ``torch.get_num_threads()`` (the
+    compiled kernels release the GIL and write disjoint rows of their output;
+    each block allocates its own scratch). Every row is computed by the same
+    arithmetic whatever the split: the result does not depend on the threads.
+    """
+    n_threads = max(1, min(torch.get_num_threads(), n_rows // _MIN_ROWS_PER_THREAD))
+    if n_threads == 1:
+        kernel(*args, 0, n_rows)
+        return
+    bounds = np.linspace(0, n_rows, n_threads + 1).round().astype(np.int64)
+    with ThreadPoolExecutor(n_threads) as pool:
+        for done in [pool.submit(kernel, *args, int(bounds[i]), int(bounds[i + 1]))
+                     for i in range(n_threads)]:
+            done.result()
+
+
 def _array(x: torch.Tensor, shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(x.detach().expand(*shape).numpy(), dtype=np.float64)
 
@@ -741,8 +772,8 @@ def add_lines(
     j1 = np.array([w[1] for w in windows], dtype=np.int64)
     pairs, coefficients, scale = _constants(int(n_terms))
     lam = np.ascontiguousarray(wavelengths.detach().numpy(), dtype=np.float64)
-    _compiled().add_lines(out, lam, *per_line, j0, j1, pairs, coefficients, scale,
-                          float(FAR_WING))
+    _in_threads(_compiled().add_lines, out.shape[0], out, lam, *per_line, j0, j1, pairs,
+                coefficients, scale, float(FAR_WING))
     return torch.from_numpy(out.reshape(*batch, n_lambda, depth))
 
 
@@ -848,8 +879,8 @@ def polarized_lines(
     angles = _array(angles, (5, *batch, depth)).reshape(5, n_flat, depth)
     kappa = _array(continuum, (*batch, n_lambda, depth)).reshape(n_flat, n_lambda, depth)
     out = np.empty((7, n_flat, n_lambda, depth))
-    _compiled().polarized_lines(out, kappa, angles, lam, *per_line, j0, j1, first, group,
-                                shift, weight, pairs, coefficients, scale, float(FAR_WING))
+    _in_threads(_compiled().polarized_lines, n_flat, out, kappa, angles, lam, *per_line, j0, j1,
+                first, group, shift, weight, pairs, coefficients, scale, float(FAR_WING))
     e_i, e_q, e_u, e_v, r_q, r_u, r_v = torch.from_numpy(out).reshape(
         7, *batch, n_lambda, depth).unbind(0)
     return {"i": e_i, "q": e_q, "u": e_u, "v": e_v}, {"q": r_q, "u": r_u, "v": r_v}
@@ -875,5 +906,6 @@ def delo_bezier(tau: torch.Tensor, planck: torch.Tensor,
     if any(len(c) != 9 for c in series):
         return formal.delo_bezier(tau, planck, ratios)
     out = np.empty((rows[0].shape[0], 4))
-    _compiled().delo_bezier(*rows, series, float(formal._SMALL_STEP), out)
+    _in_threads(_compiled().delo_bezier, out.shape[0], *rows, series,
+                float(formal._SMALL_STEP), out)
     return torch.from_numpy(out.reshape(*shape[:-1], 4))
