@@ -13,6 +13,7 @@ from iris_lab.methods.inn import FlareINN
 from iris_lab.methods.inn_fast import (
     FrozenINN,
     _oddeven_merge_pairs,
+    coupling_polynomial,
     draw_percentiles,
     load_kernels,
 )
@@ -41,12 +42,16 @@ def inn() -> FlareINN:
     return net
 
 
-@pytest.mark.parametrize("use_kernels", [True, False])
-def test_frozen_matches_freia_both_directions(inn, use_kernels):
-    fast = FrozenINN.from_sequence(inn.net_, use_kernels=use_kernels, chunk_rows=300)
+@pytest.mark.parametrize("use_kernels,polynomial", [(True, True), (True, False),
+                                                    (False, False)])
+def test_frozen_matches_freia_both_directions(inn, use_kernels, polynomial):
+    fast = FrozenINN.from_sequence(inn.net_, use_kernels=use_kernels, chunk_rows=300,
+                                   polynomial=polynomial)
     if use_kernels and load_kernels() is None:
         pytest.skip("no C compiler for the fused kernels")
     assert fast.uses_kernels == use_kernels
+    if polynomial:  # the polynomial kernel is the one that runs for this clamp
+        assert all(coupling_polynomial(c.clamp) is not None for c in fast.couplings)
     x = torch.randn(1000, inn.width, generator=torch.Generator().manual_seed(0))
     net64 = copy.deepcopy(inn.net_).double()
     for rev in (False, True):
@@ -179,3 +184,18 @@ def test_x_to_atmosphere_kernel_and_torch_paths_match_float64(monkeypatch, use_k
     assert got["v_los"][1, 2, 1] == 0.0
     with pytest.raises(ValueError, match="last axis"):
         x_to_atmosphere(x[..., :-1], nh)
+
+
+def test_coupling_polynomial_fit_and_fallback():
+    """The fitted e^{C atan r} meets its tolerance on the reduced range; the factors
+    are e^{C π/4}, e^{C π/2}; a clamp too large for degree 10 gives None (Cephes)."""
+    import math
+
+    coef, m1, m2 = coupling_polynomial(2.0)
+    c = 0.636 * 2.0
+    r = np.linspace(-math.tan(math.pi / 8), math.tan(math.pi / 8), 1001)
+    g = np.polynomial.polynomial.polyval(r, coef.double().numpy())
+    assert np.max(np.abs(g / np.exp(c * np.arctan(r)) - 1)) < 1e-6  # float32 coefficients
+    assert m1 == pytest.approx(math.exp(c * math.pi / 4)) and m2 == pytest.approx(
+        math.exp(c * math.pi / 2))
+    assert coupling_polynomial(8.0) is None
