@@ -301,3 +301,36 @@ def test_threaded_kernels_give_the_single_thread_result_bit_for_bit(monkeypatch,
     assert 3 in calls and 1 in calls  # both paths ran
     assert torch.equal(single, threaded)
     assert bool((threaded[:, 0] > 0).all())
+
+
+def test_rows_sharing_line_profiles_are_grouped_and_equal_the_torch_path(monkeypatch):
+    """Copies of pixels that differ only in the field angles or in a line's log gf
+    (the finite-difference Jacobian columns of γ, χ and log gf) share one profile
+    evaluation per group in the compiled kernel and still match the torch path."""
+    lines = LineList.shipped("4015_4017").select(list(SMALL))
+    grid = np.linspace(4016.0, 4016.9, 61)
+    base = _magnetic(_fields(2, seed=9), [1500.0, 2500.0], [0.6, 2.0], [0.3, -1.1])
+    copies = 4
+    f = {k: v.repeat_interleave(copies, 0).clone() for k, v in base.items()}
+    f["inclination"][1::copies] += 0.1            # angle columns
+    f["azimuth"][2::copies] -= 0.2
+    offset = torch.zeros(2 * copies, len(SMALL), dtype=torch.float64)
+    offset[3::copies, 2] = 0.05                   # a log gf column
+    sizes = []
+    real = fused._profile_groups
+
+    def recording(*arrays):
+        order, starts = real(*arrays)
+        sizes.append(np.diff(starts).tolist())
+        return order, starts
+
+    monkeypatch.setattr(fused, "_profile_groups", recording)
+    torch_path, compiled = _pair(lines, grid)
+    with torch.no_grad():
+        reference = torch_path.stokes(f, log_gf_offset=offset)
+        ours = compiled.stokes(f, log_gf_offset=offset)
+    assert sizes == [[copies, copies]]
+    assert _relative(ours, reference) < 1e-10
+    # the copies differ where they should: angles change Q, U; log gf changes I
+    assert float((ours[1] - ours[0]).abs()[1:3].max()) > 1e-4 * float(ours[0, 0].max())
+    assert float((ours[3] - ours[0]).abs()[0].max()) > 1e-4 * float(ours[0, 0].max())

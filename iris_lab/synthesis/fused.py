@@ -340,9 +340,15 @@ def _horner9(c, x):
 
 def _polarized_lines(out, continuum, angles, lam, centre, inv_doppler, damping, strength,
                      larmor, j0, j1, first, group, shift, weight, pairs, coefficients,
-                     scale, far_wing, b_start, b_stop):
+                     scale, far_wing, order, starts, u_start, u_stop):
     """``out (7, B, Λ, D)``: η_I (with ``continuum``), η_Q, η_U, η_V, ρ_Q, ρ_U, ρ_V,
-    for the rows ``b_start … b_stop − 1``.
+    for the row groups ``u_start … u_stop − 1``.
+
+    Group ``u`` is the rows ``order[starts[u]:starts[u + 1]]``, which share
+    ``centre``, ``inv_doppler``, ``damping`` and ``larmor`` (the line profiles):
+    the profiles are computed once, from the group's first row, and summed with
+    each row's own ``strength``, then combined with its own ``angles`` and
+    ``continuum`` (a group of one row is the plain computation).
 
     Per Zeeman group (σ_b, π, σ_r) ``Σ_k S_k Σ_c w_c H`` and the same with
     ``L``, each line inside its window, combined with ``angles (5, B, D)``:
@@ -366,9 +372,15 @@ def _polarized_lines(out, continuum, angles, lam, centre, inv_doppler, damping, 
     spans = np.empty((n_comp_max, 3), dtype=np.int64)
     g = np.empty((6, n_lambda))
     work = np.empty((10, n_comp_max * n_lambda))
-    acc = np.empty((6, depth, n_lambda))
-    for b in range(b_start, b_stop):
-        acc[:] = 0.0
+    n_dep_max = 1
+    for u in range(u_start, u_stop):
+        n_dep_max = max(n_dep_max, starts[u + 1] - starts[u])
+    acc_all = np.empty((n_dep_max, 6, depth, n_lambda))
+    for u in range(u_start, u_stop):
+        rows = order[starts[u]:starts[u + 1]]
+        n_dep = rows.shape[0]
+        b = rows[0]
+        acc_all[:n_dep] = 0.0
         for k in range(n_lines):
             lo_k, hi_k = j0[k], j1[k]
             if hi_k <= lo_k:
@@ -435,28 +447,33 @@ def _polarized_lines(out, continuum, angles, lam, centre, inv_doppler, damping, 
                     for t in range(n):
                         gh[t] += wc * hq[t]
                         gl[t] += wc * lq[t]
-                s = strength[b, k, d]
-                for p in range(6):
-                    row = acc[p, d, lo_k:hi_k]
-                    gp = g[p]
-                    for t in range(n):
-                        row[t] += s * gp[t]
-        sin2, one_cos2, cos_g = angles[0, b], angles[1, b], angles[2, b]
-        cos2chi, sin2chi = angles[3, b], angles[4, b]
-        for j in range(n_lambda):
-            for d in range(depth):
-                for p in range(2):               # η, then ρ
-                    blue = acc[3 * p, d, j]
-                    pi = acc[3 * p + 1, d, j]
-                    red = acc[3 * p + 2, d, j]
-                    sigma = 0.5 * (blue + red)
-                    lin = 0.5 * (pi - sigma) * sin2[d]
-                    if p == 0:
-                        i_term = 0.5 * (pi * sin2[d] + sigma * one_cos2[d])
-                        out[0, b, j, d] = continuum[b, j, d] + i_term
-                    out[1 + 3 * p, b, j, d] = lin * cos2chi[d]
-                    out[2 + 3 * p, b, j, d] = lin * sin2chi[d]
-                    out[3 + 3 * p, b, j, d] = 0.5 * (red - blue) * cos_g[d]
+                for i in range(n_dep):
+                    s = strength[rows[i], k, d]
+                    acc = acc_all[i]
+                    for p in range(6):
+                        row = acc[p, d, lo_k:hi_k]
+                        gp = g[p]
+                        for t in range(n):
+                            row[t] += s * gp[t]
+        for i in range(n_dep):
+            b = rows[i]
+            acc = acc_all[i]
+            sin2, one_cos2, cos_g = angles[0, b], angles[1, b], angles[2, b]
+            cos2chi, sin2chi = angles[3, b], angles[4, b]
+            for j in range(n_lambda):
+                for d in range(depth):
+                    for p in range(2):               # η, then ρ
+                        blue = acc[3 * p, d, j]
+                        pi = acc[3 * p + 1, d, j]
+                        red = acc[3 * p + 2, d, j]
+                        sigma = 0.5 * (blue + red)
+                        lin = 0.5 * (pi - sigma) * sin2[d]
+                        if p == 0:
+                            i_term = 0.5 * (pi * sin2[d] + sigma * one_cos2[d])
+                            out[0, b, j, d] = continuum[b, j, d] + i_term
+                        out[1 + 3 * p, b, j, d] = lin * cos2chi[d]
+                        out[2 + 3 * p, b, j, d] = lin * sin2chi[d]
+                        out[3 + 3 * p, b, j, d] = 0.5 * (red - blue) * cos_g[d]
 
 
 def _far_wing_hl(v, a, x0, w0, x1, w1):
@@ -718,6 +735,31 @@ def _in_threads(kernel, n_rows: int, *args) -> None:
             done.result()
 
 
+def _profile_groups(*per_line: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with bit-identical per-line arrays (B, L, D) in groups: ``order``
+    lists the rows group by group (first occurrence first), ``starts`` the
+    group offsets (CSR). Rows of a finite-difference Jacobian that perturb only
+    the field angles or a line's strength (log gf) share their line profiles.
+
+    Example
+    -------
+    >>> a = np.array([[[1.0]], [[2.0]], [[1.0]]])
+    >>> _profile_groups(a)
+    (array([0, 2, 1]), array([0, 2, 3]))
+    """
+    n_rows = per_line[0].shape[0]
+    keys = np.ascontiguousarray(np.concatenate([x.reshape(n_rows, -1) for x in per_line], 1))
+    _, first, inverse = np.unique(keys.view(np.dtype((np.void, keys.shape[1] * 8))).ravel(),
+                                  return_index=True, return_inverse=True)
+    # groups numbered by their first row (row order kept), rows stable within a group
+    rank = np.empty_like(first)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    label = rank[inverse.ravel()]
+    order = np.argsort(label, kind="stable").astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(label, minlength=first.size))])
+    return order, starts.astype(np.int64)
+
+
 def _array(x: torch.Tensor, shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(x.detach().expand(*shape).numpy(), dtype=np.float64)
 
@@ -879,8 +921,10 @@ def polarized_lines(
     angles = _array(angles, (5, *batch, depth)).reshape(5, n_flat, depth)
     kappa = _array(continuum, (*batch, n_lambda, depth)).reshape(n_flat, n_lambda, depth)
     out = np.empty((7, n_flat, n_lambda, depth))
-    _in_threads(_compiled().polarized_lines, n_flat, out, kappa, angles, lam, *per_line, j0, j1,
-                first, group, shift, weight, pairs, coefficients, scale, float(FAR_WING))
+    order, starts = _profile_groups(per_line[0], per_line[1], per_line[2], per_line[4])
+    _in_threads(_compiled().polarized_lines, starts.size - 1, out, kappa, angles, lam,
+                *per_line, j0, j1, first, group, shift, weight, pairs, coefficients, scale,
+                float(FAR_WING), order, starts)
     e_i, e_q, e_u, e_v, r_q, r_u, r_v = torch.from_numpy(out).reshape(
         7, *batch, n_lambda, depth).unbind(0)
     return {"i": e_i, "q": e_q, "u": e_u, "v": e_v}, {"q": r_q, "u": r_u, "v": r_v}
