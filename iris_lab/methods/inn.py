@@ -731,7 +731,7 @@ class FlareINN:
         Returns
         -------
         dict
-            ``n_e`` [cm⁻³], ``temperature`` [K], ``v_los`` [cm s⁻¹] arrays of
+            ``n_e`` [cm⁻³], ``temperature`` [K], ``v_los`` [cm s⁻¹] float32 arrays of
             shape ``(..., n_draws, n_height)``.
 
         Example
