@@ -33,6 +33,7 @@ import platform
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -620,6 +621,7 @@ def run_isolated(name: str, payload: dict[str, Any]) -> Any:
         src, dst = Path(tmp) / "payload.pkl", Path(tmp) / "result.nc"
         src.write_bytes(pickle.dumps(payload))
         code = ("import sys, pickle; from iris_lab import builder; "
+                f"builder.exit_with_parent({os.getpid()}); "
                 f"p = pickle.load(open({str(src)!r}, 'rb')); "
                 f"builder.{_CHUNK_FUNCTIONS[name]}(p).to_netcdf({str(dst)!r}, engine='h5netcdf')")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -630,6 +632,30 @@ def run_isolated(name: str, payload: dict[str, Any]) -> Any:
                                f"{proc.stderr.strip()[-1500:]}")
         with xr.open_dataset(dst, engine="h5netcdf") as ds:
             return ds.load()
+
+
+def exit_with_parent(parent_pid: int, interval: float = 1.0) -> threading.Thread:
+    """Watch ``parent_pid`` from a daemon thread and end this process when it is gone.
+
+    A chunk process whose dask worker was killed (e.g. restarted by its nanny after
+    missed heartbeats) would otherwise go on solving for nobody, on a core the
+    resubmitted chunk needs. The check is the parent id (the process is adopted
+    by another when its parent dies) every ``interval`` seconds.
+
+    Example
+    -------
+    >>> import os
+    >>> exit_with_parent(os.getppid()).daemon
+    True
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(3)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 def mgii_chunk_isolated(payload: dict[str, Any]) -> Any:

@@ -165,3 +165,45 @@ def test_import_chunks_from_another_setup(tmp_path):
     other = CheckpointStore(tmp_path / "other", make_spec("mgii", 80, synth={"n_rays": 3}))
     with pytest.raises(ValueError, match="other atmospheres"):
         other.import_chunks(tmp_path / "old", "")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_chunk_process_ends_when_its_worker_dies(tmp_path):
+    """A process watched by ``exit_with_parent`` ends soon after its parent is
+    killed, instead of solving on for nobody (as run_isolated's chunk processes
+    would when dask restarts their worker)."""
+    pid_file = tmp_path / "child.pid"
+    parent = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        code = ("import os, time; from iris_lab import builder; "
+                "builder.exit_with_parent(%d, interval=0.2); "
+                "open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+                % os.getpid())
+        subprocess.Popen([sys.executable, "-c", code])
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.time() + 60
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.time() < deadline, "the child did not start"
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        os.kill(child, 0)                 # alive while its parent is
+        time.sleep(0.6)
+        os.kill(child, 0)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 10
+    while True:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        # a zombie is gone for our purpose: it no longer runs
+        with open(f"/proc/{child}/stat") as fh:
+            if fh.read().split(")")[-1].split()[0] == "Z":
+                break
+        assert time.time() < deadline, "the child outlived its parent by 10 s"
+        time.sleep(0.1)
