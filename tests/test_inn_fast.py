@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -189,8 +190,6 @@ def test_x_to_atmosphere_kernel_and_torch_paths_match_float64(monkeypatch, use_k
 def test_coupling_polynomial_fit_and_fallback():
     """The fitted e^{C atan r} meets its tolerance on the reduced range; the factors
     are e^{C π/4}, e^{C π/2}; a clamp too large for degree 10 gives None (Cephes)."""
-    import math
-
     coef, m1, m2 = coupling_polynomial(2.0)
     c = 0.636 * 2.0
     r = np.linspace(-math.tan(math.pi / 8), math.tan(math.pi / 8), 1001)

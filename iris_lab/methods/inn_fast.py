@@ -46,6 +46,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -309,8 +310,6 @@ def coupling_polynomial(clamp: float) -> tuple[torch.Tensor, float, float] | Non
     >>> round(float(c[0]), 6), round(m2, 4)
     (1.0, 7.3747)
     """
-    import numpy as np
-
     factor = ATAN_FACTOR * float(clamp)
     edge = math.tan(math.pi / 8)
     r = np.cos(np.linspace(0.0, np.pi, 4001)) * edge          # Chebyshev-dense nodes

@@ -210,15 +210,22 @@ def _core(h, v, a, coefficients, scale, far_wing, work):
         aa = a[d]
         vv = v[d]
         la = scale + aa
-        inv_d2 = 1.0 / (la * la + vv * vv)
-        pr = b1[d] - zr[d] * b2[d]
-        pi = zi[d] * b2[d]
-        ir = la * inv_d2
-        ii = vv * inv_d2
-        sr = ir * ir - ii * ii
-        si = 2.0 * ir * ii
-        core = 2.0 * (pr * sr - pi * si) + _SQRT_PI_INV * ir
+        core, _ = _weideman_hl(b1[d], b2[d], zr[d], zi[d], la, vv, 1.0 / (la * la + vv * vv))
         h[d] = core if abs(vv) + aa < far_wing else h[d]
+
+
+def _weideman_hl(b1, b2, zr, zi, la, v, inv_d2):
+    """``(H, L)`` at one point from the Goertzel sums ``b1 = P``, ``b2`` of
+    ``Z = zr + i zi`` and ``1 / (L + a − i v)`` (``la = L + a``,
+    ``inv_d2 = 1 / |L + a − i v|²``): ``2 P(Z) / (L + a − i v)² + 1/√π / (L + a − i v)``."""
+    pr = b1 - zr * b2
+    pi = zi * b2
+    ir = la * inv_d2
+    ii = v * inv_d2
+    sr = ir * ir - ii * ii
+    si = 2.0 * ir * ii
+    return (2.0 * (pr * sr - pi * si) + _SQRT_PI_INV * ir,
+            2.0 * (pr * si + pi * sr) + _SQRT_PI_INV * ii)
 
 
 def _goertzel(b1, b2, two_x, r2, coefficients, start, n):
@@ -538,16 +545,7 @@ def _core_hl(work, n, a, coefficients, scale):
         i += 8
     b1, b2 = _goertzel(b1, b2, two_x, r2, coefficients, i, n)
     for t in range(n):
-        vv = v[t]
-        inv_d2 = inverse[t]
-        pr = b1[t] - zr[t] * b2[t]
-        pi = zi[t] * b2[t]
-        ir = la * inv_d2
-        ii = vv * inv_d2
-        sr = ir * ir - ii * ii
-        si = 2.0 * ir * ii
-        h[t] = 2.0 * (pr * sr - pi * si) + _SQRT_PI_INV * ir
-        l_[t] = 2.0 * (pr * si + pi * sr) + _SQRT_PI_INV * ii
+        h[t], l_[t] = _weideman_hl(b1[t], b2[t], zr[t], zi[t], la, v[t], inverse[t])
 
 
 def _delo_bezier(tau, planck, eq, eu, ev, rq, ru, rv, series, small_step, out, r_start,
@@ -700,7 +698,7 @@ def _compiled() -> SimpleNamespace:
 
     for name in ("_far_wing", "_fritsch_butland", "_bezier_weights", "_horner9",
                  "_all_below", "_exp_small", "_far_wing_hl", "_control", "_delo_weights",
-                 "_solve", "_goertzel"):
+                 "_solve", "_goertzel", "_weideman_hl"):
         namespace[name] = compiled(globals()[name], inline="always")
     namespace["_core"] = compiled(_core)
     namespace["_core_hl"] = compiled(_core_hl)
