@@ -194,9 +194,7 @@ def _core(h, v, a, coefficients, scale, far_wing, work):
         aa = a[d]
         vv = v[d]
         la = scale + aa
-        inv_d2 = 1.0 / (la * la + vv * vv)
-        x = (scale * scale - aa * aa - vv * vv) * inv_d2
-        y = (2.0 * scale) * vv * inv_d2
+        x, y = _weideman_z(scale, aa, vv, 1.0 / (la * la + vv * vv))
         zr[d] = x
         zi[d] = y
         two_x[d] = 2.0 * x
@@ -212,6 +210,12 @@ def _core(h, v, a, coefficients, scale, far_wing, work):
         la = scale + aa
         core, _ = _weideman_hl(b1[d], b2[d], zr[d], zi[d], la, vv, 1.0 / (la * la + vv * vv))
         h[d] = core if abs(vv) + aa < far_wing else h[d]
+
+
+def _weideman_z(scale, a, v, inv_d2):
+    """``Z = (L + i(v + i a)) / (L − i(v + i a))`` of Weideman's expansion as
+    ``(Re Z, Im Z)``, given ``inv_d2 = 1 / ((L + a)² + v²)``."""
+    return (scale * scale - a * a - v * v) * inv_d2, (2.0 * scale) * v * inv_d2
 
 
 def _weideman_hl(b1, b2, zr, zi, la, v, inv_d2):
@@ -513,8 +517,7 @@ def _core_hl(work, n, a, coefficients, scale):
         vv = v[t]
         inv_d2 = 1.0 / (la * la + vv * vv)
         inverse[t] = inv_d2
-        x = (scale * scale - a * a - vv * vv) * inv_d2
-        y = (2.0 * scale) * vv * inv_d2
+        x, y = _weideman_z(scale, a, vv, inv_d2)
         zr[t] = x
         zi[t] = y
         two_x[t] = 2.0 * x
@@ -698,7 +701,7 @@ def _compiled() -> SimpleNamespace:
 
     for name in ("_far_wing", "_fritsch_butland", "_bezier_weights", "_horner9",
                  "_all_below", "_exp_small", "_far_wing_hl", "_control", "_delo_weights",
-                 "_solve", "_goertzel", "_weideman_hl"):
+                 "_solve", "_goertzel", "_weideman_z", "_weideman_hl"):
         namespace[name] = compiled(globals()[name], inline="always")
     namespace["_core"] = compiled(_core)
     namespace["_core_hl"] = compiled(_core_hl)
