@@ -17,6 +17,7 @@ from iris_lab.methods.inn_fast import (
     coupling_polynomial,
     draw_percentiles,
     load_kernels,
+    torch_sgemm,
 )
 
 DL_HA = np.round(np.linspace(-1.4, 1.4, 29), 3)
@@ -43,14 +44,18 @@ def inn() -> FlareINN:
     return net
 
 
-@pytest.mark.parametrize("use_kernels,polynomial", [(True, True), (True, False),
-                                                    (False, False)])
-def test_frozen_matches_freia_both_directions(inn, use_kernels, polynomial):
+@pytest.mark.parametrize("use_kernels,polynomial,driver", [
+    (True, True, True), (True, False, True), (True, True, False), (True, False, False),
+    (False, False, False)])
+def test_frozen_matches_freia_both_directions(inn, use_kernels, polynomial, driver):
     fast = FrozenINN.from_sequence(inn.net_, use_kernels=use_kernels, chunk_rows=300,
-                                   polynomial=polynomial)
+                                   polynomial=polynomial, driver=driver)
     if use_kernels and load_kernels() is None:
         pytest.skip("no C compiler for the fused kernels")
+    if driver and torch_sgemm() is None:
+        pytest.skip("torch's library exports no sgemm_ here")
     assert fast.uses_kernels == use_kernels
+    assert fast.uses_driver == driver
     if polynomial:  # the polynomial kernel is the one that runs for this clamp
         assert all(coupling_polynomial(c.clamp) is not None for c in fast.couplings)
     x = torch.randn(1000, inn.width, generator=torch.Generator().manual_seed(0))
@@ -198,3 +203,42 @@ def test_coupling_polynomial_fit_and_fallback():
     assert m1 == pytest.approx(math.exp(c * math.pi / 4)) and m2 == pytest.approx(
         math.exp(c * math.pi / 2))
     assert coupling_polynomial(8.0) is None
+
+
+def test_driver_agrees_with_the_stepwise_path_for_any_chunking(inn):
+    """The one-call driver runs the same arithmetic as the step-by-step kernels: chunk
+    sizes that do not divide the rows, several threads, and in-place output."""
+    if load_kernels() is None or torch_sgemm() is None:
+        pytest.skip("no fused kernels or no sgemm_ in torch's library")
+    x = torch.randn(777, inn.width, generator=torch.Generator().manual_seed(5))
+    step = FrozenINN.from_sequence(inn.net_, driver=False)
+    for rev in (False, True):
+        ref = step.reverse(x) if rev else step.forward(x)
+        for chunk, threads in ((1, 1), (64, 2), (1000, 2)):
+            drv = FrozenINN.from_sequence(inn.net_, chunk_rows=chunk)
+            assert drv.uses_driver and drv.batch_rows >= drv.chunk_rows
+            kept = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                buf = x.clone()
+                got = drv.reverse(buf, out=buf) if rev else drv.forward(buf, out=buf)
+            finally:
+                torch.set_num_threads(kept)
+            assert got.data_ptr() == buf.data_ptr()
+            np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=2e-6,
+                                       atol=2e-6 * float(ref.abs().max()))
+    # a strided input (every other row) gives the rows it holds
+    drv = FrozenINN.from_sequence(inn.net_)
+    np.testing.assert_allclose(drv.reverse(x[::2]).numpy(), step.reverse(x)[::2].numpy(),
+                               rtol=2e-6, atol=2e-6 * float(x.abs().max()) + 1e-5)
+
+
+def test_torch_sgemm_is_the_product_torch_computes():
+    """On Linux the wheels carry MKL's sgemm_: the pointer passes its own check."""
+    import sys
+
+    ptr = torch_sgemm()
+    if sys.platform.startswith("linux") and "mkl" in torch.__config__.show().lower():
+        assert ptr is not None and ptr > 0
+    else:
+        assert ptr is None or ptr > 0

@@ -638,7 +638,7 @@ class FlareINN:
         flat = out.view(n_pix * n_draws, nx)
         pix_per = max(1, max_rows // max(n_draws, 1))
         frozen = self._evaluator(fast)
-        chunk = frozen.chunk_rows if frozen is not None else max_rows
+        chunk = frozen.batch_rows if frozen is not None else max_rows
         mean, std = self.x_mean_.to(dev), self.x_std_.to(dev)
         inp = torch.empty(min(chunk, pix_per * n_draws), self.width, device=dev)
         # one latent buffer refilled in place (the same numbers as torch.randn per group,
@@ -769,7 +769,7 @@ class FlareINN:
         dev = self.device
         out = torch.empty(xs.shape[0], self.n_y, device=dev)
         frozen = self._evaluator(fast)
-        chunk = frozen.chunk_rows if frozen is not None else max_rows
+        chunk = frozen.batch_rows if frozen is not None else max_rows
         inp = torch.empty(min(chunk, max(xs.shape[0], 1)), self.width, device=dev)
         with torch.inference_mode():
             for s in range(0, xs.shape[0], chunk):

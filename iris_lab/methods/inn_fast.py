@@ -57,6 +57,7 @@ _C_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <stdlib.h>
 
 /* Cephes atanf: relative error ~1e-7 (float32 rounding); branch-free so it vectorises. */
 static inline float k_atan(float x) {
@@ -111,15 +112,34 @@ void iris_coupling(int64_t n, int64_t h, float *x, int64_t ldx, const float *a, 
     }
 }
 
-/* The same update with e^{±clamp f atan(s)} as one polynomial: for u = ±s, atan(u) =
-   sign(u) (y0 + atan(r)) with |r| ≤ tan(π/8) (Cephes' reduction), so
-   e^{C atan(u)} = M · g(sign(u) r), M = e^{±C y0} ∈ {1, m1^±1, m2^±1} and
-   g(r) = e^{C atan(r)} = c[0] + … + c[10] r^10 (a fit for this C, Estrin's form).
-   One division and 14 multiply-adds instead of atan and exp. */
+/* e^{C atan(u)} as one polynomial: atan(u) = sign(u) (y0 + atan(r)) with |r| ≤ tan(π/8)
+   (Cephes' reduction), so e^{C atan(u)} = M · g(sign(u) r), M = e^{±C y0} ∈ {1, m1^±1,
+   m2^±1} and g(r) = e^{C atan(r)} = c[0] + … + c[10] r^10 (a fit for this C, Estrin's
+   form). One division and 14 multiply-adds instead of atan and exp. */
+static inline float poly_factor(float u, const float *c, float m1, float m2, float i1,
+                                float i2) {
+    float au = fabsf(u);
+    int big = au > 2.414213562373095f;
+    int mid = au > 0.4142135623730950f;
+    float num = big ? -1.0f : (mid ? au - 1.0f : au);
+    float den = big ? au : (mid ? au + 1.0f : 1.0f);
+    float r = num / den;
+    int neg = u < 0.0f;
+    float m = big ? (neg ? i2 : m2) : (mid ? (neg ? i1 : m1) : 1.0f);
+    r = neg ? -r : r;
+    float r2 = r * r;
+    float r4 = r2 * r2;
+    float q0 = (c[0] + c[1] * r) + r2 * (c[2] + c[3] * r);
+    float q1 = (c[4] + c[5] * r) + r2 * (c[6] + c[7] * r);
+    float q2 = (c[8] + c[9] * r) + r2 * c[10];
+    return m * (q0 + r4 * (q1 + r4 * q2));
+}
+
+/* The coupling update of iris_coupling with e^{±clamp f atan(s)} from poly_factor. */
 void iris_coupling_poly(int64_t n, int64_t h, float *x, int64_t ldx, const float *a,
                         int64_t lda, const float *c, float m1, float m2, int rev, int nt) {
-    const float c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], c4 = c[4], c5 = c[5];
-    const float c6 = c[6], c7 = c[7], c8 = c[8], c9 = c[9], c10 = c[10];
+    float cl[11];
+    for (int k = 0; k < 11; k++) cl[k] = c[k];
     const float i1 = 1.0f / m1, i2 = 1.0f / m2;
     const float sgn = rev ? -1.0f : 1.0f;
     #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1 && n * h > 16384)
@@ -128,25 +148,169 @@ void iris_coupling_poly(int64_t n, int64_t h, float *x, int64_t ldx, const float
         const float *restrict s = a + i * lda;
         const float *restrict t = s + h;
         for (int64_t j = 0; j < h; j++) {
-            float u = sgn * s[j];
-            float au = fabsf(u);
-            int big = au > 2.414213562373095f;
-            int mid = au > 0.4142135623730950f;
-            float num = big ? -1.0f : (mid ? au - 1.0f : au);
-            float den = big ? au : (mid ? au + 1.0f : 1.0f);
-            float r = num / den;
-            int neg = u < 0.0f;
-            float m = big ? (neg ? i2 : m2) : (mid ? (neg ? i1 : m1) : 1.0f);
-            r = neg ? -r : r;
-            float r2 = r * r;
-            float r4 = r2 * r2;
-            float q0 = (c0 + c1 * r) + r2 * (c2 + c3 * r);
-            float q1 = (c4 + c5 * r) + r2 * (c6 + c7 * r);
-            float q2 = (c8 + c9 * r) + r2 * c10;
-            float e = m * (q0 + r4 * (q1 + r4 * q2));
+            float e = poly_factor(sgn * s[j], cl, m1, m2, i1, i2);
             xi[j] = rev ? (xi[j] - t[j]) * e : e * xi[j] + t[j];
         }
     }
+}
+
+/* ---------------------------------------------------------------- whole-network driver
+   One call runs every block over row chunks small enough that a chunk's buffers stay in
+   the L2 cache: the matrix products through the BLAS sgemm that torch itself uses (a
+   function pointer), the element-wise work fused as above, the last layer's bias folded
+   into the coupling update. No interpreter work between the steps of a chunk. */
+typedef void (*iris_sgemm_t)(const char *ta, const char *tb, const int *m, const int *n,
+                             const int *k, const float *alpha, const float *a, const int *lda,
+                             const float *b, const int *ldb, const float *beta, float *c,
+                             const int *ldc);
+
+#define IRIS_MAX_LAYERS 8
+typedef struct {
+    int32_t n_layers;
+    int32_t n_in[IRIS_MAX_LAYERS];
+    int32_t n_out[IRIS_MAX_LAYERS];
+    const float *w[IRIS_MAX_LAYERS];  /* (n_out, n_in) row-major, as nn.Linear.weight */
+    const float *b[IRIS_MAX_LAYERS];
+} iris_subnet;
+
+typedef struct {
+    int32_t split;     /* length of the first half */
+    int32_t poly;      /* 1: polynomial e^{C atan}, 0: Cephes atan and exp */
+    float clamp;
+    float slope;       /* leaky ReLU slope of both subnetworks */
+    float coef[11];
+    float m1, m2;
+    iris_subnet sub1;  /* reads the first half, updates the second */
+    iris_subnet sub2;  /* reads the second half, updates the first */
+    const int64_t *perm;      /* forward gather after the block, or NULL */
+    const int64_t *perm_inv;
+} iris_block;
+
+/* (r, m) rows of a = in @ W^T (+ bias, leaky ReLU for hidden layers) */
+static void subnet_rows(iris_sgemm_t gemm, const iris_subnet *s, float slope, int r,
+                        const float *in, int ldin, float *h0, float *h1, int ldh, float *out,
+                        int ldout) {
+    const float one = 1.0f, zero = 0.0f;
+    const float *src = in;
+    int lds = ldin;
+    for (int l = 0; l < s->n_layers; l++) {
+        int m = s->n_out[l], k = s->n_in[l];
+        int last = l == s->n_layers - 1;
+        float *dst = last ? out : (l % 2 ? h1 : h0);
+        int ldd = last ? ldout : ldh;
+        /* column-major view: dst^T (m, r) = W (k, m)^T-as-stored^T . src^T (k, r) */
+        gemm("T", "N", &m, &r, &k, &one, s->w[l], &k, src, &lds, &zero, dst, &ldd);
+        if (!last) {
+            const float *restrict b = s->b[l];
+            for (int i = 0; i < r; i++) {
+                float *restrict d = dst + (int64_t)i * ldd;
+                for (int j = 0; j < m; j++) {
+                    float v = d[j] + b[j];
+                    d[j] = v > 0.0f ? v : v * slope;
+                }
+            }
+        }
+        src = dst;
+        lds = ldd;
+    }
+}
+
+/* x (r, h) ← coupling of x with a = [s_raw | t] (r, 2h) + bias b (2h) */
+static void update_rows(const iris_block *B, int r, int h, float *x, int ldx, const float *a,
+                        int lda, const float *b, int rev) {
+    const float sgn = rev ? -1.0f : 1.0f;
+    const float f = 0.636f * B->clamp;
+    const float m1 = B->m1, m2 = B->m2, i1 = 1.0f / m1, i2 = 1.0f / m2;
+    float c[11];
+    for (int k = 0; k < 11; k++) c[k] = B->coef[k];
+    for (int i = 0; i < r; i++) {
+        float *restrict xi = x + (int64_t)i * ldx;
+        const float *restrict s = a + (int64_t)i * lda;
+        const float *restrict t = s + h;
+        const float *restrict bs = b;
+        const float *restrict bt = b + h;
+        if (B->poly) {
+            for (int j = 0; j < h; j++) {
+                float e = poly_factor(sgn * (s[j] + bs[j]), c, m1, m2, i1, i2);
+                float tj = t[j] + bt[j];
+                xi[j] = rev ? (xi[j] - tj) * e : e * xi[j] + tj;
+            }
+        } else {
+            for (int j = 0; j < h; j++) {
+                float e = k_exp(sgn * (f * k_atan(s[j] + bs[j])));
+                float tj = t[j] + bt[j];
+                xi[j] = rev ? (xi[j] - tj) * e : e * xi[j] + tj;
+            }
+        }
+    }
+}
+
+static void gather_rows(int r, int w, const float *src, float *dst, const int64_t *idx) {
+    for (int i = 0; i < r; i++) {
+        const float *restrict si = src + (int64_t)i * w;
+        float *restrict di = dst + (int64_t)i * w;
+        for (int j = 0; j < w; j++) di[j] = si[idx[j]];
+    }
+}
+
+/* out (n, width) = the network (rev: its inverse) applied to x (n, width); out may be x.
+   Rows run in chunks of `chunk`, one chunk per thread at a time. Returns 0, or -1 when a
+   buffer cannot be allocated. */
+int iris_inn_run(void *gemm_ptr, int32_t n_blocks, const iris_block *blocks, int64_t n,
+                 const float *x, int64_t ldx, float *out, int64_t ldo, int32_t width,
+                 int32_t hid, int32_t rev, int64_t chunk, int nt) {
+    iris_sgemm_t gemm = (iris_sgemm_t)gemm_ptr;
+    int64_t n_chunks = (n + chunk - 1) / chunk;
+    int failed = 0;
+    #pragma omp parallel num_threads(nt) if(nt > 1 && n_chunks > 1)
+    {
+        size_t per_row = (size_t)(4 * width + 2 * hid);
+        float *mem = (float *)malloc(sizeof(float) * per_row * (size_t)chunk);
+        if (mem == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic)
+        for (int64_t q = 0; q < n_chunks; q++) {
+            if (mem == NULL) continue;
+            int64_t r0 = q * chunk;
+            int r = (int)(n - r0 < chunk ? n - r0 : chunk);
+            float *cur = mem, *other = mem + (size_t)width * chunk;
+            float *coef = other + (size_t)width * chunk;
+            float *h0 = coef + (size_t)2 * width * chunk, *h1 = h0 + (size_t)hid * chunk;
+            for (int i = 0; i < r; i++)
+                memcpy(cur + (int64_t)i * width, x + (r0 + i) * ldx, sizeof(float) * width);
+            for (int kk = 0; kk < n_blocks; kk++) {
+                const iris_block *B = blocks + (rev ? n_blocks - 1 - kk : kk);
+                if (rev && B->perm_inv != NULL) {
+                    gather_rows(r, width, cur, other, B->perm_inv);
+                    float *tmp = cur; cur = other; other = tmp;
+                }
+                int ha = B->split, hb = width - B->split;
+                float *x1 = cur, *x2 = cur + ha;
+                const iris_subnet *s1 = &B->sub1, *s2 = &B->sub2;
+                if (rev) {
+                    subnet_rows(gemm, s1, B->slope, r, x1, width, h0, h1, hid, coef, 2 * hb);
+                    update_rows(B, r, hb, x2, width, coef, 2 * hb, s1->b[s1->n_layers - 1], 1);
+                    subnet_rows(gemm, s2, B->slope, r, x2, width, h0, h1, hid, coef, 2 * ha);
+                    update_rows(B, r, ha, x1, width, coef, 2 * ha, s2->b[s2->n_layers - 1], 1);
+                } else {
+                    subnet_rows(gemm, s2, B->slope, r, x2, width, h0, h1, hid, coef, 2 * ha);
+                    update_rows(B, r, ha, x1, width, coef, 2 * ha, s2->b[s2->n_layers - 1], 0);
+                    subnet_rows(gemm, s1, B->slope, r, x1, width, h0, h1, hid, coef, 2 * hb);
+                    update_rows(B, r, hb, x2, width, coef, 2 * hb, s1->b[s1->n_layers - 1], 0);
+                    if (B->perm != NULL) {
+                        gather_rows(r, width, cur, other, B->perm);
+                        float *tmp = cur; cur = other; other = tmp;
+                    }
+                }
+            }
+            for (int i = 0; i < r; i++)
+                memcpy(out + (r0 + i) * ldo, cur + (int64_t)i * width, sizeof(float) * width);
+        }
+        free(mem);
+    }
+    return failed ? -1 : 0;
 }
 
 /* h = leaky_relu(h + b) in place, (n, m) rows with leading dimension ld. */
@@ -288,7 +452,65 @@ def load_kernels(*, compile_if_missing: bool = True) -> ctypes.CDLL | None:
     for f in (lib.iris_coupling, lib.iris_coupling_poly, lib.iris_bias_leaky, lib.iris_gather,
               lib.iris_sort_draws, lib.iris_x_to_cgs):
         f.restype = None
+    lib.iris_inn_run.argtypes = [ptr, ctypes.c_int32, ptr, i64, ptr, i64, ptr, i64,
+                                 ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, i64, c_int]
+    lib.iris_inn_run.restype = c_int
     return lib
+
+
+_SGEMM = ctypes.CFUNCTYPE(None, *([ctypes.c_char_p] * 2), *([ctypes.c_void_p] * 11))
+
+
+@functools.lru_cache(maxsize=1)
+def torch_sgemm() -> int | None:
+    """Address of the Fortran-interface ``sgemm_`` of the BLAS that torch's CPU
+    library carries (MKL in the Linux wheels), or ``None``.
+
+    The whole-network driver of :class:`FrozenINN` calls it for its matrix
+    products, so that they run on the same GEMM as ``torch.mm``. It is checked
+    once on a small product against ``torch.mm`` (32-bit integer interface);
+    ``IRIS_LAB_NO_SGEMM=1`` disables it.
+
+    Example
+    -------
+    >>> ptr = torch_sgemm()
+    >>> ptr is None or ptr > 0
+    True
+    """
+    if os.environ.get("IRIS_LAB_NO_SGEMM") or not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        addr = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+    # check: c (3, 2) = a (3, 4) @ b (4, 2) in row-major, as the driver calls it
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7.0
+    w = torch.arange(8, dtype=torch.float32).reshape(2, 4) - 3.0  # (out, in) like Linear
+    c = torch.zeros(3, 2)
+    ints = [ctypes.c_int(v) for v in (2, 3, 4, 4, 4, 2)]  # m, n, k, lda, ldb, ldc
+    one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+    ref = ctypes.byref
+    _SGEMM(addr)(b"T", b"N", ref(ints[0]), ref(ints[1]), ref(ints[2]), ref(one),
+                 w.data_ptr(), ref(ints[3]), a.data_ptr(), ref(ints[4]), ref(zero),
+                 c.data_ptr(), ref(ints[5]))
+    return addr if torch.allclose(c, a @ w.t(), rtol=1e-5, atol=1e-5) else None
+
+
+_MAX_LAYERS = 8
+
+
+class _CSubnet(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int32), ("n_in", ctypes.c_int32 * _MAX_LAYERS),
+                ("n_out", ctypes.c_int32 * _MAX_LAYERS), ("w", ctypes.c_void_p * _MAX_LAYERS),
+                ("b", ctypes.c_void_p * _MAX_LAYERS)]
+
+
+class _CBlock(ctypes.Structure):
+    _fields_ = [("split", ctypes.c_int32), ("poly", ctypes.c_int32), ("clamp", ctypes.c_float),
+                ("slope", ctypes.c_float), ("coef", ctypes.c_float * 11),
+                ("m1", ctypes.c_float), ("m2", ctypes.c_float), ("sub1", _CSubnet),
+                ("sub2", _CSubnet), ("perm", ctypes.c_void_p), ("perm_inv", ctypes.c_void_p)]
 
 
 #: Largest relative error of the fitted ``e^{C atan(r)}`` (float64) for which the
@@ -420,6 +642,12 @@ class FrozenINN:
         as one fitted polynomial after Cephes' argument reduction
         (:func:`coupling_polynomial`; ≈ 2× faster than ``atan`` then ``exp``, the
         same float32 accuracy); ``False``: the ``atan``/``exp`` kernel.
+    driver
+        With the kernels and torch's BLAS (:func:`torch_sgemm`), run the whole
+        network in one C call per batch (default): the chunk loop, the matrix
+        products and the element-wise steps without the interpreter in between,
+        on chunks that stay in the L2 cache (then ``chunk_rows`` defaults to
+        ~0.5 MB of buffers). ``False``: one torch/C call per step.
 
     Notes
     -----
@@ -434,7 +662,8 @@ class FrozenINN:
     """
 
     def __init__(self, couplings: list[_Coupling], width: int, *, chunk_rows: int | None = None,
-                 use_kernels: bool = True, polynomial: bool = True) -> None:
+                 use_kernels: bool = True, polynomial: bool = True,
+                 driver: bool = True) -> None:
         self.couplings = tuple(couplings)
         self.width = int(width)
         hidden = max(max(c.subnet1.widths + c.subnet2.widths) for c in self.couplings)
@@ -449,6 +678,66 @@ class FrozenINN:
         self.device = dev
         self._lib = load_kernels() if (use_kernels and dev.type == "cpu") else None
         self.polynomial = bool(polynomial)
+        self._plan = self._driver_plan() if driver else None
+        if self._plan is not None and chunk_rows is None:
+            # the whole-network driver keeps a chunk's buffers in the L2 cache (~0.5 MB)
+            self.chunk_rows = max(16, min(1024, (512 << 10) // (4 * (4 * self.width
+                                                                      + 2 * hidden))))
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows worth passing per call: large for the whole-network driver, which
+        chunks internally; one chunk otherwise."""
+        return 4096 if self._plan is not None else self.chunk_rows
+
+    @property
+    def uses_driver(self) -> bool:
+        """Whether one C call runs the whole network (BLAS through :func:`torch_sgemm`)."""
+        return self._plan is not None
+
+    def _driver_plan(self) -> tuple | None:
+        """The block descriptions for ``iris_inn_run``, or ``None`` when the driver
+        cannot run (no kernels, no BLAS pointer, more layers than it holds)."""
+        if self._lib is None:
+            return None
+        gemm = torch_sgemm()
+        if gemm is None:
+            return None
+        keep: list[torch.Tensor] = []
+        blocks = (_CBlock * len(self.couplings))()
+
+        def fill(dst: _CSubnet, sub: _Subnet) -> bool:
+            if len(sub.weights) > _MAX_LAYERS:
+                return False
+            dst.n_layers = len(sub.weights)
+            for i, (w, b) in enumerate(zip(sub.weights, sub.biases, strict=True)):
+                wt = w.t().contiguous()  # (out, in): the Linear layer's own layout
+                bc = b.contiguous()
+                keep.extend((wt, bc))
+                dst.n_in[i], dst.n_out[i] = wt.shape[1], wt.shape[0]
+                dst.w[i], dst.b[i] = wt.data_ptr(), bc.data_ptr()
+            return True
+
+        for blk, c in zip(blocks, self.couplings, strict=True):
+            blk.split, blk.clamp, blk.slope = c.split, c.clamp, c.subnet1.slope
+            if c.subnet2.slope != c.subnet1.slope:
+                return None
+            poly = coupling_polynomial(c.clamp) if self.polynomial else None
+            blk.poly = int(poly is not None)
+            if poly is not None:
+                blk.coef[:] = [float(v) for v in poly[0]]
+                blk.m1, blk.m2 = poly[1], poly[2]
+            if not (fill(blk.sub1, c.subnet1) and fill(blk.sub2, c.subnet2)):
+                return None
+            for name in ("perm", "perm_inv"):
+                idx = getattr(c, name)
+                if idx is not None:
+                    idx = idx.to(torch.int64).contiguous()
+                    keep.append(idx)
+                    setattr(blk, name, idx.data_ptr())
+        hid = max(max(c.subnet1.widths[:-1] + c.subnet2.widths[:-1] + (1,))
+                  for c in self.couplings)
+        return gemm, blocks, keep, hid
 
     @property
     def uses_kernels(self) -> bool:
@@ -607,8 +896,25 @@ class FrozenINN:
         if out is None:
             out = torch.empty_like(x)
         with torch.inference_mode():
-            self._run(x, out, rev)
+            if self._plan is not None and x.shape[0] > 0:
+                self._drive(x, out, rev)
+            else:
+                self._run(x, out, rev)
         return out
+
+    def _drive(self, x: torch.Tensor, out: torch.Tensor, rev: bool) -> None:
+        gemm, blocks, _, hid = self._plan
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        dst = out if out.stride(1) == 1 else torch.empty(out.shape)
+        rc = self._lib.iris_inn_run(gemm, len(blocks), ctypes.addressof(blocks), x.shape[0],
+                                    x.data_ptr(), x.stride(0), dst.data_ptr(), dst.stride(0),
+                                    self.width, hid, int(rev), self.chunk_rows,
+                                    torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("the INN driver could not allocate its chunk buffers")
+        if dst is not out:
+            out.copy_(dst)
 
 
 def draw_percentiles(draws: torch.Tensor, q: torch.Tensor, *,
