@@ -206,7 +206,10 @@ def main() -> None:
     p.add_argument("--map-size", type=int, default=100)
     p.add_argument("--map-draws", type=int, default=200)
     p.add_argument("--paper-map-size", type=int, default=25,
-                   help="map side for the paper-sized network (the 100×100 map takes long)")
+                   help="map side for the paper-sized network (the 100×100 map takes long; "
+                        "0: skip the paper-sized network)")
+    p.add_argument("--also", nargs="*", default=[],
+                   help="other weights files to time beside the shipped network")
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-speed", action="store_true", help="validation only")
     p.add_argument("--regression-seconds", type=float, default=0.0,
@@ -236,6 +239,14 @@ def main() -> None:
     print("| case | MFLOP/draw | time | floor | time/floor | GEMM GFLOP/s | paper |\n"
           "|---|---|---|---|---|---|---|")
     speed("shipped", inn, args.map_size, args.map_draws)
+    for other in args.also:
+        net = FlareINN.load(other, device=args.device)
+        net.progress = False
+        speed(f"{Path(other).stem} (width {net.width}, hidden {net.hidden})", net,
+              args.map_size, args.map_draws)
+    if args.paper_map_size <= 0:
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        return
     paper = FlareINN(width=384, hidden=384, n_latent=200, n_blocks=5, device=args.device,
                      progress=False)
     paper.n_height_, paper.n_halpha_, paper.n_ca8542_ = inn.n_height_, inn.n_halpha_, \

@@ -242,3 +242,28 @@ def test_torch_sgemm_is_the_product_torch_computes():
         assert ptr is not None and ptr > 0
     else:
         assert ptr is None or ptr > 0
+
+
+def test_reverse_latent_builds_rows_and_unscales_in_one_call(inn):
+    """The driver's sampling entry equals building [y, s z, 0] rows, reversing, unscaling."""
+    fast = FrozenINN.from_sequence(inn.net_, chunk_rows=50)
+    if not fast.uses_driver:
+        pytest.skip("no fused kernels or no sgemm_ in torch's library")
+    gen = torch.Generator().manual_seed(9)
+    y = torch.rand(4, inn.n_y, generator=gen)
+    n_draws, row0 = 30, 17  # rows 17..116 of the 4 pixels' 120 draws
+    z = torch.randn(100, inn.n_latent, generator=gen)
+    mean, std = inn.x_mean_, inn.x_std_
+    out = torch.empty(100, inn.n_x)
+    fast.reverse_latent(y, z, n_draws, scale=1.3, mean=mean, std=std, out=out, row0=row0)
+    rows = torch.zeros(100, inn.width)
+    rows[:, :inn.n_y] = y[(torch.arange(100) + row0) // n_draws]
+    rows[:, inn.n_y:inn.n_y + inn.n_latent] = 1.3 * z
+    ref = FrozenINN.from_sequence(inn.net_, driver=False).reverse(rows)[:, :inn.n_x] * std + mean
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=2e-6,
+                               atol=2e-6 * float(ref.abs().max()))
+    with pytest.raises(ValueError, match="inconsistent"):  # rows past the last pixel
+        fast.reverse_latent(y, z, 10, scale=1.0, mean=mean, std=std, out=out)
+    with pytest.raises(RuntimeError, match="driver"):
+        FrozenINN.from_sequence(inn.net_, driver=False).reverse_latent(
+            y, z, n_draws, scale=1.0, mean=mean, std=std, out=out)

@@ -649,6 +649,11 @@ class FlareINN:
                 yy = y[s:s + pix_per]
                 rows = yy.shape[0] * n_draws
                 z = z_buf[:rows * nz].view(rows, nz).normal_(generator=generator)
+                if frozen is not None and frozen.uses_driver:
+                    # one call: input rows built, network run and output unscaled in C
+                    frozen.reverse_latent(yy, z, n_draws, scale=self.latent_scale_, mean=mean,
+                                          std=std, out=flat[s * n_draws:s * n_draws + rows])
+                    continue
                 for r0 in range(0, rows, chunk):
                     n = min(chunk, rows - r0)
                     buf = inp[:n]

@@ -253,12 +253,25 @@ static void gather_rows(int r, int w, const float *src, float *dst, const int64_
     }
 }
 
+/* Optional input and output transforms of iris_inn_run. With y: row i of the input is
+   [y[(row0 + i) / n_draws], scale · x[i, :nz], 0…] (posterior draws: the observed profile
+   of the row's pixel, its latent draw, zero padding). With mean: out[i, :n_out] =
+   mean + std · result[i, :n_out] (the network's representation unscaled). */
+typedef struct {
+    const float *y;
+    int64_t ldy, ny, n_draws, row0, nz;
+    float scale;
+    const float *mean;
+    const float *std;
+    int64_t n_out;
+} iris_io;
+
 /* out (n, width) = the network (rev: its inverse) applied to x (n, width); out may be x.
-   Rows run in chunks of `chunk`, one chunk per thread at a time. Returns 0, or -1 when a
-   buffer cannot be allocated. */
+   Rows run in chunks of `chunk`, one chunk per thread at a time; io (or NULL) transforms
+   the rows on the way in and out. Returns 0, or -1 when a buffer cannot be allocated. */
 int iris_inn_run(void *gemm_ptr, int32_t n_blocks, const iris_block *blocks, int64_t n,
                  const float *x, int64_t ldx, float *out, int64_t ldo, int32_t width,
-                 int32_t hid, int32_t rev, int64_t chunk, int nt) {
+                 int32_t hid, int32_t rev, int64_t chunk, const iris_io *io, int nt) {
     iris_sgemm_t gemm = (iris_sgemm_t)gemm_ptr;
     int64_t n_chunks = (n + chunk - 1) / chunk;
     int failed = 0;
@@ -278,8 +291,19 @@ int iris_inn_run(void *gemm_ptr, int32_t n_blocks, const iris_block *blocks, int
             float *cur = mem, *other = mem + (size_t)width * chunk;
             float *coef = other + (size_t)width * chunk;
             float *h0 = coef + (size_t)2 * width * chunk, *h1 = h0 + (size_t)hid * chunk;
-            for (int i = 0; i < r; i++)
-                memcpy(cur + (int64_t)i * width, x + (r0 + i) * ldx, sizeof(float) * width);
+            for (int i = 0; i < r; i++) {
+                float *restrict c = cur + (int64_t)i * width;
+                const float *restrict xi = x + (r0 + i) * ldx;
+                if (io != NULL && io->y != NULL) {
+                    const float *yi = io->y + ((io->row0 + r0 + i) / io->n_draws) * io->ldy;
+                    int64_t ny = io->ny, nz = io->nz;
+                    memcpy(c, yi, sizeof(float) * ny);
+                    for (int64_t j = 0; j < nz; j++) c[ny + j] = io->scale * xi[j];
+                    memset(c + ny + nz, 0, sizeof(float) * (width - ny - nz));
+                } else {
+                    memcpy(c, xi, sizeof(float) * width);
+                }
+            }
             for (int kk = 0; kk < n_blocks; kk++) {
                 const iris_block *B = blocks + (rev ? n_blocks - 1 - kk : kk);
                 if (rev && B->perm_inv != NULL) {
@@ -305,8 +329,16 @@ int iris_inn_run(void *gemm_ptr, int32_t n_blocks, const iris_block *blocks, int
                     }
                 }
             }
-            for (int i = 0; i < r; i++)
-                memcpy(out + (r0 + i) * ldo, cur + (int64_t)i * width, sizeof(float) * width);
+            for (int i = 0; i < r; i++) {
+                const float *restrict c = cur + (int64_t)i * width;
+                float *restrict o = out + (r0 + i) * ldo;
+                if (io != NULL && io->mean != NULL) {
+                    const float *restrict mu = io->mean, *restrict sd = io->std;
+                    for (int64_t j = 0; j < io->n_out; j++) o[j] = c[j] * sd[j] + mu[j];
+                } else {
+                    memcpy(o, c, sizeof(float) * width);
+                }
+            }
         }
         free(mem);
     }
@@ -358,12 +390,19 @@ void iris_x_to_cgs(int64_t n, int64_t nh, const float *x, int64_t ldx, float *ne
 }
 
 /* Sort x (p, d, l) in place along d with a comparator network (ci[k] < cj[k]),
-   vectorised over the l contiguous lanes. */
+   vectorised over the l contiguous lanes; nan (p, l) is set to 1 where a lane of a
+   block holds a NaN (its sorted values are then meaningless). */
 void iris_sort_draws(int64_t p, int64_t d, int64_t l, float *x, int64_t n_cmp,
-                     const int32_t *ci, const int32_t *cj, int nt) {
+                     const int32_t *ci, const int32_t *cj, uint8_t *nan, int nt) {
     #pragma omp parallel for num_threads(nt) schedule(dynamic) if(nt > 1 && p > 1)
     for (int64_t q = 0; q < p; q++) {
         float *xq = x + q * d * l;
+        uint8_t *restrict flag = nan + q * l;
+        memset(flag, 0, (size_t)l);
+        for (int64_t i = 0; i < d; i++) {
+            const float *restrict row = xq + i * l;
+            for (int64_t j = 0; j < l; j++) flag[j] |= (uint8_t)(row[j] != row[j]);
+        }
         for (int64_t k = 0; k < n_cmp; k++) {
             float *restrict a = xq + (int64_t)ci[k] * l;
             float *restrict b = xq + (int64_t)cj[k] * l;
@@ -447,13 +486,14 @@ def load_kernels(*, compile_if_missing: bool = True) -> ctypes.CDLL | None:
     lib.iris_coupling_poly.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, f32, f32, c_int, c_int]
     lib.iris_bias_leaky.argtypes = [i64, i64, ptr, i64, ptr, f32, c_int]
     lib.iris_gather.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, c_int]
-    lib.iris_sort_draws.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, c_int]
+    lib.iris_sort_draws.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, c_int]
     lib.iris_x_to_cgs.argtypes = [i64, i64, ptr, i64, ptr, ptr, ptr, c_int]
     for f in (lib.iris_coupling, lib.iris_coupling_poly, lib.iris_bias_leaky, lib.iris_gather,
               lib.iris_sort_draws, lib.iris_x_to_cgs):
         f.restype = None
     lib.iris_inn_run.argtypes = [ptr, ctypes.c_int32, ptr, i64, ptr, i64, ptr, i64,
-                                 ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, i64, c_int]
+                                 ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, i64, ptr,
+                                 c_int]
     lib.iris_inn_run.restype = c_int
     return lib
 
@@ -504,6 +544,13 @@ class _CSubnet(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int32), ("n_in", ctypes.c_int32 * _MAX_LAYERS),
                 ("n_out", ctypes.c_int32 * _MAX_LAYERS), ("w", ctypes.c_void_p * _MAX_LAYERS),
                 ("b", ctypes.c_void_p * _MAX_LAYERS)]
+
+
+class _CIO(ctypes.Structure):
+    _fields_ = [("y", ctypes.c_void_p), ("ldy", ctypes.c_int64), ("ny", ctypes.c_int64),
+                ("n_draws", ctypes.c_int64), ("row0", ctypes.c_int64), ("nz", ctypes.c_int64),
+                ("scale", ctypes.c_float), ("mean", ctypes.c_void_p), ("std", ctypes.c_void_p),
+                ("n_out", ctypes.c_int64)]
 
 
 class _CBlock(ctypes.Structure):
@@ -618,6 +665,12 @@ def _oddeven_merge_pairs(n: int) -> tuple[list[int], list[int]]:
             k //= 2
         p *= 2
     return ci, cj
+
+
+@functools.lru_cache(maxsize=8)
+def _comparators(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ci, cj = _oddeven_merge_pairs(n)
+    return torch.tensor(ci, dtype=torch.int32), torch.tensor(cj, dtype=torch.int32)
 
 
 class FrozenINN:
@@ -889,6 +942,61 @@ class FrozenINN:
         """
         return self._call(z, out, rev=True)
 
+    def reverse_latent(self, y: torch.Tensor, z: torch.Tensor, n_draws: int, *, scale: float,
+                       mean: torch.Tensor, std: torch.Tensor, out: torch.Tensor,
+                       row0: int = 0) -> torch.Tensor:
+        """Posterior draws in one call of the driver: row ``i`` of ``out`` is
+        ``mean + std · reverse([y[(row0 + i) // n_draws], scale · z[i], 0…])[:n]``.
+
+        Parameters
+        ----------
+        y
+            ``(n_pixels, n_y)`` normalised profiles.
+        z
+            ``(rows, n_z)`` latent draws; ``n_y + n_z ≤ width``.
+        n_draws
+            Draws per pixel: consecutive rows of ``z`` share a pixel.
+        scale
+            Latent standard deviation.
+        mean, std
+            ``(n,)`` un-scaling of the first ``n`` outputs.
+        out
+            ``(rows, n)`` float32 with unit column stride, written in place.
+        row0
+            Index of the first row within the pixels' draws.
+
+        Raises
+        ------
+        RuntimeError
+            Without the driver (:attr:`uses_driver`); use :meth:`reverse`.
+
+        Example
+        -------
+        ``fast.reverse_latent(y, z, 200, scale=1.0, mean=m, std=s, out=draws)``
+        """
+        if self._plan is None:
+            raise RuntimeError("reverse_latent needs the whole-network driver")
+        gemm, blocks, _, hid = self._plan
+        y = y.to(torch.float32).contiguous()
+        z = z.to(torch.float32)
+        mean = mean.to(torch.float32).contiguous()
+        std = std.to(torch.float32).contiguous()
+        ny, nz, n = y.shape[1], z.shape[1], mean.shape[0]
+        if ny + nz > self.width or n > self.width or out.shape != (z.shape[0], n) \
+                or z.stride(1) != 1 or out.stride(1) != 1 or std.shape != mean.shape \
+                or (z.shape[0] and (row0 + z.shape[0] - 1) // n_draws >= y.shape[0]):
+            raise ValueError("inconsistent shapes for reverse_latent")
+        io = _CIO(y.data_ptr(), y.stride(0), ny, n_draws, row0, nz, float(scale),
+                  mean.data_ptr(), std.data_ptr(), n)
+        with torch.inference_mode():
+            rc = self._lib.iris_inn_run(gemm, len(blocks), ctypes.addressof(blocks), z.shape[0],
+                                        z.data_ptr(), z.stride(0), out.data_ptr(),
+                                        out.stride(0), self.width, hid, 1, self.chunk_rows,
+                                        ctypes.byref(io), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("the INN driver could not allocate its chunk buffers")
+        return out
+
     def _call(self, x: torch.Tensor, out: torch.Tensor | None, rev: bool) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.width:
             raise ValueError(f"expected (n, {self.width}) rows, got {tuple(x.shape)}")
@@ -909,7 +1017,7 @@ class FrozenINN:
         dst = out if out.stride(1) == 1 else torch.empty(out.shape)
         rc = self._lib.iris_inn_run(gemm, len(blocks), ctypes.addressof(blocks), x.shape[0],
                                     x.data_ptr(), x.stride(0), dst.data_ptr(), dst.stride(0),
-                                    self.width, hid, int(rev), self.chunk_rows,
+                                    self.width, hid, int(rev), self.chunk_rows, None,
                                     torch.get_num_threads())
         if rc != 0:
             raise MemoryError("the INN driver could not allocate its chunk buffers")
@@ -947,16 +1055,16 @@ def draw_percentiles(draws: torch.Tensor, q: torch.Tensor, *,
     True
     """
     p, n, m = draws.shape
-    nan = torch.isnan(draws).any(dim=1)
     if lib is not None and draws.device.type == "cpu" and draws.dtype == torch.float32 \
             and draws.is_contiguous():
-        ci, cj = _oddeven_merge_pairs(n)
-        ti = torch.tensor(ci, dtype=torch.int32)
-        tj = torch.tensor(cj, dtype=torch.int32)
-        lib.iris_sort_draws(p, n, m, draws.data_ptr(), len(ci), ti.data_ptr(), tj.data_ptr(),
-                            torch.get_num_threads())
+        ti, tj = _comparators(n)
+        nan = torch.empty(p, m, dtype=torch.uint8)
+        lib.iris_sort_draws(p, n, m, draws.data_ptr(), len(ti), ti.data_ptr(), tj.data_ptr(),
+                            nan.data_ptr(), torch.get_num_threads())
+        nan = nan.bool()
         ordered = draws
     else:
+        nan = torch.isnan(draws).any(dim=1)
         ordered = torch.sort(draws, dim=1).values
     q = q.to(draws.device, draws.dtype)
     ranks = q * (n - 1)
