@@ -161,24 +161,30 @@ def _rate() -> float:
     return gemm_rate(8192, 384, 384, repeats=10)
 
 
-def _interleaved(fn, repeats: int) -> tuple[float, float]:
-    """Best time of ``fn`` and best GEMM rate over ``repeats`` rounds of (rate, fn):
-    the two are measured alternately, so both see the same state of the machine."""
-    times, rates = [], []
+def _paired(fn, flops: float, repeats: int) -> tuple[float, float, float]:
+    """Median time of ``fn``, median GEMM rate and the median of the paired ratios
+    time / floor over ``repeats`` rounds; each round's floor uses the rate measured
+    just before and just after its timing (this machine's GEMM rate drifts by ±20 %
+    within seconds: unpaired best-of figures mix different moments)."""
     fn()  # warm-up (kernels compiled, buffers paged in)
+    times, rates, ratios = [], [], []
     for _ in range(repeats):
-        rates.append(_rate())
-        times.append(best_time(fn, 1))
-    return min(times), max(rates)
+        before = _rate()
+        t = best_time(fn, 1)
+        rate = 0.5 * (before + _rate())
+        times.append(t)
+        rates.append(rate)
+        ratios.append(t * rate / flops)
+    return float(np.median(times)), float(np.median(rates)), float(np.median(ratios))
 
 
 def speed(label: str, inn: FlareINN, map_size: int, n_draws_map: int,
-          repeats: int = 3) -> None:
+          repeats: int = 5) -> None:
     fl = inn.flops_per_draw()
     prof = np.concatenate([np.linspace(0.3, 1.0, inn.n_halpha_),
                            np.linspace(0.5, 1.0, inn.n_ca8542_)])
-    t1, rate1 = _interleaved(lambda: inn.sample(prof, 20000, seed=0), max(repeats, 3))
-    floor1 = fl * 20000 / rate1
+    t1, rate1, q1 = _paired(lambda: inn.sample(prof, 20000, seed=0), fl * 20000,
+                            max(repeats, 5))
     cube = xr.Dataset(
         {"halpha": (("y", "x", "dl_halpha"),
                     np.broadcast_to(prof[:inn.n_halpha_], (map_size, map_size, inn.n_halpha_))
@@ -187,14 +193,15 @@ def speed(label: str, inn: FlareINN, map_size: int, n_draws_map: int,
                     np.broadcast_to(prof[inn.n_halpha_:], (map_size, map_size, inn.n_ca8542_)))},
         coords={"dl_halpha": inn.dl_halpha_, "dl_ca8542": inn.dl_ca8542_})
     n_rt = 16
-    t2, rate2 = _interleaved(
-        lambda: inn.posterior_summary(cube, n_draws_map, n_round_trip=n_rt), repeats)
-    floor2 = fl * map_size ** 2 * (n_draws_map + n_rt) / rate2
-    print(f"| {label}: 20,000 draws, 1 pixel | {fl / 1e6:.2f} | {t1:.3f} s | {floor1:.3f} s | "
-          f"{t1 / floor1:.2f} | {rate1 / 1e9:.1f} | 893 ms GPU / 84.5 s CPU |")
+    t2, rate2, q2 = _paired(
+        lambda: inn.posterior_summary(cube, n_draws_map, n_round_trip=n_rt),
+        fl * map_size ** 2 * (n_draws_map + n_rt), repeats)
+    print(f"| {label}: 20,000 draws, 1 pixel | {fl / 1e6:.2f} | {t1:.3f} s | "
+          f"{fl * 20000 / rate1:.3f} s | {q1:.2f} | {rate1 / 1e9:.1f} | "
+          "893 ms GPU / 84.5 s CPU |")
     print(f"| {label}: {map_size}×{map_size} map × {n_draws_map} draws (+{n_rt} round trip) | "
-          f"{fl / 1e6:.2f} | {t2:.1f} s | {floor2:.1f} s | {t2 / floor2:.2f} | "
-          f"{rate2 / 1e9:.1f} | — |")
+          f"{fl / 1e6:.2f} | {t2:.1f} s | {fl * map_size ** 2 * (n_draws_map + n_rt) / rate2:.1f} s"
+          f" | {q2:.2f} | {rate2 / 1e9:.1f} | — |")
 
 
 def main() -> None:
@@ -234,9 +241,10 @@ def main() -> None:
         print(f"(no flare set at {args.data}: validation skipped)")
     if args.skip_speed:
         return
-    # the floor's rate is measured alternately with each timed case (best of each)
+    # the floor's rate is measured just before and after each timed round (paired ratios)
     print(f"\nload average {os.getloadavg()[0]:.2f}; fused kernels: {load_kernels() is not None}")
-    print("| case | MFLOP/draw | time | floor | time/floor | GEMM GFLOP/s | paper |\n"
+    print("| case | MFLOP/draw | time (median) | floor | time/floor (median of paired rounds) | "
+          "GEMM GFLOP/s | paper |\n"
           "|---|---|---|---|---|---|---|")
     speed("shipped", inn, args.map_size, args.map_draws)
     for other in args.also:
@@ -256,7 +264,7 @@ def main() -> None:
                                                           inn.dl_ca8542_)
     paper._build()
     paper.net_.eval()
-    speed("paper-sized", paper, args.paper_map_size, args.map_draws, repeats=2)
+    speed("paper-sized", paper, args.paper_map_size, args.map_draws, repeats=3)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
