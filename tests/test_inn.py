@@ -281,10 +281,28 @@ def test_latent_scale_widens_posteriors_and_is_saved(trained, toy, tmp_path):
     assert wide > narrow
     table = inn.calibrate_latent_scale(held, scales=(1.0, 2.0, 3.0), n_draws=64)
     assert set(table) == {1.0, 2.0, 3.0}
-    best = min(abs(c - 0.68) for c in table.values())
+    peak = max(table, key=lambda k: (table[k], -k))
+    best = min(abs(c - 0.68) for k, c in table.items() if k <= peak)
+    assert inn.latent_scale_ <= peak
     assert abs(table[inn.latent_scale_] - 0.68) <= best + 0.01
     back = FlareINN.load(inn.save(tmp_path / "calibrated.safetensors"))
     assert back.latent_scale_ == inn.latent_scale_
     assert back.latent_calibration_["coverage"] == {str(k): v for k, v in table.items()}
     with pytest.raises(ValueError, match="positive"):
         inn.calibrate_latent_scale(held, scales=(0.0,))
+
+
+def test_latent_scale_ignores_the_falling_branch_of_the_coverage(trained, toy, monkeypatch):
+    """Coverage rising to a peak and falling past it (draws leaving the training
+    distribution): the falling branch's value nearest 0.68 is not chosen."""
+    import copy
+
+    inn = copy.deepcopy(trained)
+    curve = {1.0: 0.78, 1.5: 0.83, 2.0: 0.80, 3.0: 0.70}
+    monkeypatch.setattr(inn, "coverage", lambda data, **kw: curve[inn.latent_scale_])
+    table = inn.calibrate_latent_scale(toy, scales=tuple(curve))
+    assert table == curve
+    assert inn.latent_scale_ == 1.0  # 3.0 is nearer 0.68, but past the peak at 1.5
+    curve = {1.0: 0.55, 1.5: 0.66, 2.0: 0.75, 3.0: 0.72}  # rising branch reaches 0.68
+    assert inn.calibrate_latent_scale(toy, scales=tuple(curve)) == curve
+    assert inn.latent_scale_ == 1.5

@@ -693,7 +693,9 @@ class FlareINN:
         measured on ``data`` (use samples that were neither trained on nor used
         for the reported validation), and ``latent_scale_`` is set to the ``s``
         whose coverage is closest to ``level`` (within 0.01 of the closest, the
-        one nearest 1: no widening the data do not ask for).
+        one nearest 1: no widening the data do not ask for), among the scales up
+        to the one of the highest coverage (beyond it the draws leave the
+        training distribution and a falling coverage means nothing).
 
         Returns
         -------
@@ -710,9 +712,13 @@ class FlareINN:
                 raise ValueError(f"latent scales must be positive, not {scale}")
             self.latent_scale_ = float(scale)
             table[float(scale)] = self.coverage(data, n_draws=n_draws, level=level, seed=seed)
+        # only the rising branch: past the scale of the highest coverage, wider latent
+        # draws leave the training distribution and the coverage falls for that reason
+        peak = max(table, key=lambda k: (table[k], -k))
+        rising = {k: c for k, c in table.items() if k <= peak}
         # the scale nearest ``level``; within 0.01 of that, the one nearest 1
-        smallest = min(abs(c - level) for c in table.values())
-        near = [k for k, c in table.items() if abs(c - level) <= smallest + 0.01]
+        smallest = min(abs(c - level) for c in rising.values())
+        near = [k for k, c in rising.items() if abs(c - level) <= smallest + 0.01]
         self.latent_scale_ = min(near, key=lambda k: abs(math.log(k)))
         self.latent_calibration_ = {"level": level, "coverage": {str(k): v for k, v in
                                                                  table.items()}}
