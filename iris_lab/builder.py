@@ -709,6 +709,8 @@ def make_spec(kind: Kind, n: int, *, seed: int | None = None, chunk_size: int | 
 
 def make_tasks(spec: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     """``(chunk_id, payload)`` in the seeded processing order."""
+    if spec["kind"] == "mgii_rf":
+        return _rf_topup_tasks(spec)
     kind, n, seed, size = spec["kind"], spec["n"], spec["seed"], spec["chunk_size"]
     rng = np.random.default_rng(seed + 7)
     if kind == "flare":
@@ -746,6 +748,113 @@ def make_tasks(spec: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
                           "rf": rf[idx], "synth": spec["synth"], "scale": atm.scale}))
     order = rng.permutation(len(tasks))
     return [tasks[i] for i in order]
+
+
+def _rf_draws(spec: dict[str, Any]) -> np.ndarray:
+    """The seeded uniform draws of a Mg II build: entry ``i`` gets exact response
+    functions when ``u[i] < rf_fraction`` (the first draws of :func:`make_tasks`)."""
+    return np.random.default_rng(spec["seed"] + 7).random(spec["n"])
+
+
+def rf_topup_spec(base: dict[str, Any], n_exact: int) -> dict[str, Any]:
+    """Specification of the response-function top-up of a Mg II database build.
+
+    The seeded ``rf_fraction`` of a build gives a random count of entries with
+    exact response functions (90 of 1000 for the shipped seed). The top-up
+    solves again, with response functions, the next entries in the order of
+    the same uniform draws, so that the two together hold ``n_exact`` entries:
+    what a larger ``rf_fraction`` would have chosen, without rebuilding the
+    entries already solved. It is a store of its own
+    (:func:`rf_topup_entries`, :func:`merge_rf_topup`).
+
+    Example
+    -------
+    >>> spec = rf_topup_spec(make_spec("mgii", 1000), 105)
+    >>> spec["kind"], spec["n_exact"]
+    ('mgii_rf', 105)
+    """
+    if base.get("kind") != "mgii":
+        raise ValueError("a response-function top-up needs a 'mgii' database specification")
+    if not isinstance(n_exact, int | np.integer) or not 0 < n_exact <= base["n"]:
+        raise ValueError(f"n_exact must be an integer in 1..{base['n']}, not {n_exact!r}")
+    return {"kind": "mgii_rf", "base": json.loads(json.dumps(base)), "n_exact": int(n_exact),
+            "chunk_size": int(base["chunk_size"])}
+
+
+def rf_topup_entries(base: dict[str, Any], n_exact: int) -> np.ndarray:
+    """Entries of the top-up: those without response functions in ``base`` whose
+    uniform draws come next above ``rf_fraction``, as many as ``n_exact`` asks.
+
+    Example
+    -------
+    >>> spec = make_spec("mgii", 1000)
+    >>> rf_topup_entries(spec, 105).size
+    15
+    """
+    u = _rf_draws(base)
+    chosen = u < base["rf_fraction"]
+    rest = np.flatnonzero(~chosen)
+    k = max(0, int(n_exact) - int(chosen.sum()))
+    return np.sort(rest[np.argsort(u[rest], kind="stable")[:k]])
+
+
+def _rf_topup_tasks(spec: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    from iris_lab.worlds.chromosphere import sample_mgii_atmospheres
+
+    base = spec["base"]
+    entries = rf_topup_entries(base, spec["n_exact"])
+    if entries.size == 0:
+        return []
+    atm, family = sample_mgii_atmospheres(base["n"], seed=base["seed"])
+    tasks = []
+    for c, start in enumerate(range(0, entries.size, spec["chunk_size"])):
+        idx = entries[start:start + spec["chunk_size"]]
+        fields = {k: np.asarray(v)[idx] for k, v in atm.fields().items()}
+        tasks.append((c, {"entries": idx, "fields": fields, "family": family[idx],
+                          "rf": np.ones(idx.size, bool), "synth": base["synth"],
+                          "scale": atm.scale}))
+    return tasks
+
+
+def merge_rf_topup(ds: Any, topup: Any) -> tuple[Any, dict[str, str]]:
+    """Put the top-up's response spectra into a loaded Mg II store.
+
+    For each entry solved again with response functions (converged, all
+    responses finite) the perturbed spectra are shifted by the difference of
+    the two reference solutions, so that perturbed − reference is the top-up's
+    own: the σ of :func:`sigma_from_responses` (the instrument is linear) then
+    comes from one consistent pair of solutions.
+
+    Returns
+    -------
+    dataset, info
+        ``ds`` with ``rf_spectrum``, ``rf_done`` and ``rf_seconds`` updated, and
+        attributes for the export (entries merged, top-up solve time).
+    """
+    good = topup["converged"].values.astype(bool) & topup["rf_done"].values.astype(bool)
+    top = topup.isel(entry=np.flatnonzero(good))
+    where = {int(e): i for i, e in enumerate(ds["entry"].values)}
+    rf = ds["rf_spectrum"].values.copy()
+    done = ds["rf_done"].values.astype(bool).copy()
+    seconds = ds["rf_seconds"].values.copy()
+    merged = 0
+    for j, entry in enumerate(top["entry"].values):
+        i = where.get(int(entry))
+        if i is None or done[i]:
+            continue
+        shift = ds["spectrum"].values[i] - top["spectrum"].values[j]
+        rf[i] = top["rf_spectrum"].values[j] + shift[None, :]
+        done[i] = True
+        seconds[i] = float(top["rf_seconds"].values[j] + top["solve_seconds"].values[j])
+        merged += 1
+    ds["rf_spectrum"] = (ds["rf_spectrum"].dims, rf, ds["rf_spectrum"].attrs)
+    ds["rf_done"] = (ds["rf_done"].dims, done)
+    ds["rf_seconds"] = (ds["rf_seconds"].dims, seconds, ds["rf_seconds"].attrs)
+    total = float(topup["solve_seconds"].sum() + topup["rf_seconds"].sum())
+    return ds, {"rf_topup_entries": str(merged),
+                "rf_topup_seconds": f"{total:.0f}",
+                "rf_topup": "entries after the seeded rf_fraction in the order of the same "
+                            "uniform draws, solved again with response functions"}
 
 
 def provenance(spec: dict[str, Any], command: str | None = None) -> dict[str, str]:
@@ -846,7 +955,7 @@ def _export_flare(ds: Any) -> Any:
 
 
 def export(store: CheckpointStore, out: str | Path, *, command: str | None = None,
-           fill_sigma: bool = True) -> Path:
+           fill_sigma: bool = True, rf_topup: CheckpointStore | None = None) -> Path:
     """Write the finished chunks of a store as the shipped netCDF file.
 
     The instrument is applied here (IRIS NUV degradation for Mg II, CRISP
@@ -854,6 +963,9 @@ def export(store: CheckpointStore, out: str | Path, *, command: str | None = Non
     spectra (:func:`sigma_from_responses`) and, for entries without them, from
     a regression (:func:`fill_sigma_regression`) whose error is stored in
     ``attrs``. Non-converged entries are dropped and counted in ``attrs``.
+    ``rf_topup``: the store of a response-function top-up
+    (:func:`rf_topup_spec`), merged by :func:`merge_rf_topup` when it has
+    finished chunks.
     """
     spec = store.spec
     dim = "sample" if spec["kind"] == "flare" else "entry"
@@ -885,6 +997,9 @@ def export(store: CheckpointStore, out: str | Path, *, command: str | None = Non
                       "line_centre_ca8542_air_aa": "8542.09",
                       "n_sequences": str(seqs.size)})
     else:
+        if rf_topup is not None and any(rf_topup.path.glob("chunk_*.nc")):
+            ds, info = merge_rf_topup(ds, rf_topup.load("entry"))
+            attrs.update(info)
         ds, info = _export_mgii(ds)
         attrs.update(info)
         if fill_sigma:
@@ -949,7 +1064,7 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
                    synth: dict[str, Any] | None = None, rf_fraction: float = 0.1,
                    time_limit_s: float | None = None, progress: bool = True,
                    processes: bool = True, command: str | None = None,
-                   export_file: bool = True) -> Path:
+                   export_file: bool = True, rf_min: int | None = None) -> Path:
     """Build (or resume) a database and export it to ``out``.
 
     Parameters
@@ -964,6 +1079,10 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
     scheduler, workers
         A scheduler address, or the number of local workers (default: one per
         core).
+    rf_min
+        Mg II database: once every entry is solved, top up the entries with
+        exact response functions to this many (:func:`rf_topup_spec`; its own
+        store, ``<store>_rf.parts``, resumable like the main one).
 
     Example
     -------
@@ -981,9 +1100,23 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
                         time_limit_s=time_limit_s, progress=progress)
     ckpt.log({"status": "run", "done": len(report.done), "failed": len(report.failed),
               "skipped": len(report.skipped), "seconds": round(report.seconds, 1)})
+    topup = None
+    if kind == "mgii" and rf_min:
+        topup = CheckpointStore(rf_topup_store_path(store_path), rf_topup_spec(spec, rf_min))
+        if len(ckpt.done()) >= len(tasks):  # the database is complete: top it up
+            left = None if time_limit_s is None else max(0.0, time_limit_s - report.seconds)
+            run_chunks(make_tasks(topup.spec), mgii_chunk_isolated, topup,
+                       scheduler=scheduler, workers=workers, processes=processes,
+                       time_limit_s=left, progress=progress)
     if export_file and ckpt.done():
-        export(ckpt, out, command=command)
+        export(ckpt, out, command=command, rf_topup=topup)
     return out
+
+
+def rf_topup_store_path(store: str | Path) -> Path:
+    """Where the response-function top-up of a store goes: ``<name>_rf.parts``."""
+    store = Path(store)
+    return store.with_name(store.stem + "_rf" + store.suffix)
 
 
 def build_interleaved(jobs: Sequence[tuple[str, dict[str, Any], str | Path, int]], *,

@@ -6,7 +6,9 @@ Mg II h&k NLTE profiles (Lightweaver, angle-averaged PRD; set-up in
 held-out atmospheres, which are therefore never in the database), degraded to
 the IRIS NUV grid, with the model on the 39-point log τ500 grid and σ from
 finite-difference response functions (eq. 2 of Sainz Dalda et al. 2019) on a
-random 10 % of the entries, filled by a regression on the rest.
+random 10 % of the entries, topped up after the last entry to at least
+``--rf-min`` (105) such entries (the seeded 10 % of 1000 holds 90; see
+``iris_lab.builder.rf_topup_spec``), filled by a regression on the rest.
 
 The build is resumable: checkpoints go to ``build/<name>.parts`` and a rerun
 continues where the last one stopped; ``--export-only`` writes the shipped
@@ -34,7 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    from iris_lab.builder import CheckpointStore, build_database, export, make_spec
+    from iris_lab.builder import (
+        CheckpointStore,
+        build_database,
+        export,
+        make_spec,
+        rf_topup_spec,
+        rf_topup_store_path,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=None, help="entries (1000; held-out 200)")
@@ -47,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="database, held-out and flare set in turns")
     parser.add_argument("--deadline", default=None, help="HH:MM UTC to stop --interleave")
+    parser.add_argument("--rf-min", type=int, default=105,
+                        help="database: entries with exact response functions at least "
+                             "(a top-up after the last entry; 0: none)")
     args = parser.parse_args(argv)
 
     if args.interleave:
@@ -74,12 +86,17 @@ def main(argv: list[str] | None = None) -> None:
     out = ROOT / "iris_lab" / "data" / f"{name}.nc"
     store = ROOT / "build" / f"{name}.parts"
     command = "python scripts/build_mgii_database.py " + " ".join(sys.argv[1:])
+    rf_min = args.rf_min if kind == "mgii" and args.rf_min > 0 else None
     if args.export_only:
-        export(CheckpointStore(store, make_spec(kind, n)), out, command=command)
+        spec = make_spec(kind, n)
+        topup = rf_topup_store_path(store)
+        export(CheckpointStore(store, spec), out, command=command,
+               rf_topup=(CheckpointStore(topup, rf_topup_spec(spec, rf_min))
+                         if rf_min and topup.exists() else None))
     else:
         build_database(kind, n, out, scheduler=args.scheduler, workers=args.workers,
                        store=store, time_limit_s=args.time_limit, command=command,
-                       export_file=not args.no_export)
+                       export_file=not args.no_export, rf_min=rf_min)
         if args.no_export:
             return
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")

@@ -207,3 +207,81 @@ def test_chunk_process_ends_when_its_worker_dies(tmp_path):
                 break
         assert time.time() < deadline, "the child outlived its parent by 10 s"
         time.sleep(0.1)
+
+
+def test_rf_topup_continues_the_seeded_choice():
+    """The top-up takes the entries whose uniform draws come next above rf_fraction:
+    disjoint from the seeded choice, as many as n_exact asks, the same atmospheres as
+    the database's own chunks."""
+    from iris_lab.builder import (
+        _rf_draws,
+        make_tasks,
+        rf_topup_entries,
+        rf_topup_spec,
+        rf_topup_store_path,
+    )
+
+    spec = make_spec("mgii", 60)
+    tasks = dict(make_tasks(spec))
+    flags = np.zeros(60, bool)
+    fields = {}
+    for payload in tasks.values():
+        flags[payload["entries"]] = payload["rf"]
+        for j, e in enumerate(payload["entries"]):
+            fields[int(e)] = payload["fields"]["temperature"][j]
+    u = _rf_draws(spec)
+    assert np.array_equal(flags, u < spec["rf_fraction"])  # the mask make_tasks uses
+    n_exact = int(flags.sum()) + 5
+    extra = rf_topup_entries(spec, n_exact)
+    assert extra.size == 5 and not flags[extra].any()
+    assert u[extra].max() < np.sort(u[~flags])[5]  # the next five draws, no other
+    assert rf_topup_entries(spec, int(flags.sum())).size == 0
+    top = rf_topup_spec(spec, n_exact)
+    top_tasks = make_tasks(top)
+    got = np.concatenate([p["entries"] for _, p in top_tasks])
+    assert np.array_equal(np.sort(got), extra)
+    for _, payload in top_tasks:
+        assert payload["rf"].all() and payload["synth"] == spec["synth"]
+        for j, e in enumerate(payload["entries"]):
+            np.testing.assert_array_equal(payload["fields"]["temperature"][j], fields[int(e)])
+    assert rf_topup_store_path("build/mgii_database.parts").name == "mgii_database_rf.parts"
+    with pytest.raises(ValueError, match="mgii"):
+        rf_topup_spec(make_spec("flare", 20), 5)
+    with pytest.raises(ValueError, match="n_exact"):
+        rf_topup_spec(spec, 61)
+
+
+def test_merge_rf_topup_keeps_the_top_up_differences():
+    """Merged response spectra give the top-up's own perturbed − reference; entries
+    that already have responses, or whose top-up failed, are left alone."""
+    import xarray as xr
+
+    from iris_lab.builder import merge_rf_topup
+
+    rng = np.random.default_rng(0)
+    n, n_rf, n_wl = 5, 3, 7
+    spec = rng.random((n, n_wl)) + 1.0
+    rf = np.full((n, n_rf, n_wl), np.nan)
+    rf[1] = spec[1] + 0.1  # entry 11 has exact responses already
+    db = xr.Dataset({"spectrum": (("entry", "wl_fine"), spec),
+                     "rf_spectrum": (("entry", "rf_parameter", "wl_fine"), rf),
+                     "rf_done": ("entry", np.arange(n) == 1),
+                     "rf_seconds": ("entry", np.zeros(n))},
+                    coords={"entry": np.arange(10, 10 + n)})
+    top_spec = spec[[1, 3, 4]] + 0.01  # a slightly different converged solution
+    top_rf = top_spec[:, None, :] + rng.random((3, n_rf, n_wl))
+    top = xr.Dataset({"spectrum": (("entry", "wl_fine"), top_spec),
+                      "rf_spectrum": (("entry", "rf_parameter", "wl_fine"), top_rf),
+                      "rf_done": ("entry", np.array([True, True, False])),
+                      "converged": ("entry", np.ones(3, bool)),
+                      "rf_seconds": ("entry", np.full(3, 100.0)),
+                      "solve_seconds": ("entry", np.full(3, 5.0))},
+                     coords={"entry": [11, 13, 14]})
+    out, info = merge_rf_topup(db, top)
+    assert info["rf_topup_entries"] == "1" and info["rf_topup_seconds"] == "315"
+    assert out["rf_done"].values.tolist() == [False, True, False, True, False]
+    np.testing.assert_allclose(out["rf_spectrum"].values[3] - spec[3],
+                               top_rf[1] - top_spec[1], rtol=1e-12)
+    np.testing.assert_array_equal(out["rf_spectrum"].values[1], rf[1])  # kept
+    assert np.isnan(out["rf_spectrum"].values[4]).all()  # its top-up failed
+    assert out["rf_seconds"].values[3] == 105.0
