@@ -709,8 +709,6 @@ def make_spec(kind: Kind, n: int, *, seed: int | None = None, chunk_size: int | 
 
 def make_tasks(spec: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     """``(chunk_id, payload)`` in the seeded processing order."""
-    if spec["kind"] == "mgii_rf":
-        return _rf_topup_tasks(spec)
     kind, n, seed, size = spec["kind"], spec["n"], spec["seed"], spec["chunk_size"]
     rng = np.random.default_rng(seed + 7)
     if kind == "flare":
@@ -756,64 +754,103 @@ def _rf_draws(spec: dict[str, Any]) -> np.ndarray:
     return np.random.default_rng(spec["seed"] + 7).random(spec["n"])
 
 
-def rf_topup_spec(base: dict[str, Any], n_exact: int) -> dict[str, Any]:
-    """Specification of the response-function top-up of a Mg II database build.
+def rf_topup_spec(base: dict[str, Any]) -> dict[str, Any]:
+    """Specification of the response-function top-up store of a Mg II database.
 
     The seeded ``rf_fraction`` of a build gives a random count of entries with
-    exact response functions (90 of 1000 for the shipped seed). The top-up
-    solves again, with response functions, the next entries in the order of
-    the same uniform draws, so that the two together hold ``n_exact`` entries:
-    what a larger ``rf_fraction`` would have chosen, without rebuilding the
-    entries already solved. It is a store of its own
-    (:func:`rf_topup_entries`, :func:`merge_rf_topup`).
+    exact response functions (90 of 1000 for the shipped seed), fewer still
+    when some of them do not converge. Once the database is complete, the
+    top-up solves again, with response functions, the converged entries whose
+    uniform draws come next (:func:`rf_topup_entries`): what a larger
+    ``rf_fraction`` would have chosen, without rebuilding what is solved. Its
+    chunks are single entries keyed by the entry id, so asking for more later
+    only adds chunks (:func:`merge_rf_topup` merges them at export).
 
     Example
     -------
-    >>> spec = rf_topup_spec(make_spec("mgii", 1000), 105)
-    >>> spec["kind"], spec["n_exact"]
-    ('mgii_rf', 105)
+    >>> rf_topup_spec(make_spec("mgii", 1000))["kind"]
+    'mgii_rf'
     """
     if base.get("kind") != "mgii":
         raise ValueError("a response-function top-up needs a 'mgii' database specification")
-    if not isinstance(n_exact, int | np.integer) or not 0 < n_exact <= base["n"]:
-        raise ValueError(f"n_exact must be an integer in 1..{base['n']}, not {n_exact!r}")
-    return {"kind": "mgii_rf", "base": json.loads(json.dumps(base)), "n_exact": int(n_exact),
-            "chunk_size": int(base["chunk_size"])}
+    return {"kind": "mgii_rf", "base": json.loads(json.dumps(base))}
 
 
-def rf_topup_entries(base: dict[str, Any], n_exact: int) -> np.ndarray:
-    """Entries of the top-up: those without response functions in ``base`` whose
-    uniform draws come next above ``rf_fraction``, as many as ``n_exact`` asks.
+def rf_topup_entries(base: dict[str, Any], n_exact: int, *, exact: np.ndarray | None = None,
+                     tried: np.ndarray | None = None,
+                     eligible: np.ndarray | None = None) -> np.ndarray:
+    """The next entries to solve again with response functions, in the order of
+    the seeded uniform draws above ``rf_fraction``, as many as bring the entries
+    with exact responses to ``n_exact``.
+
+    Parameters
+    ----------
+    base
+        The database specification.
+    n_exact
+        Entries with exact response functions wanted.
+    exact, tried, eligible
+        Boolean arrays over the ``n`` entries: entries with exact responses now
+        (default: the seeded choice, as planned), entries the top-up has
+        already attempted (never chosen again), entries that may be chosen
+        (default: all; at run time the converged ones).
 
     Example
     -------
-    >>> spec = make_spec("mgii", 1000)
-    >>> rf_topup_entries(spec, 105).size
+    >>> rf_topup_entries(make_spec("mgii", 1000), 105).size
     15
     """
+    n = base["n"]
     u = _rf_draws(base)
-    chosen = u < base["rf_fraction"]
-    rest = np.flatnonzero(~chosen)
-    k = max(0, int(n_exact) - int(chosen.sum()))
-    return np.sort(rest[np.argsort(u[rest], kind="stable")[:k]])
+    seeded = u < base["rf_fraction"]
+    exact = seeded if exact is None else np.asarray(exact, bool)
+    tried = np.zeros(n, bool) if tried is None else np.asarray(tried, bool)
+    eligible = np.ones(n, bool) if eligible is None else np.asarray(eligible, bool)
+    candidates = np.flatnonzero(eligible & ~seeded & ~exact & ~tried)
+    k = max(0, int(n_exact) - int(exact.sum()))
+    return np.sort(candidates[np.argsort(u[candidates], kind="stable")[:k]])
 
 
-def _rf_topup_tasks(spec: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+def rf_topup_tasks(spec: dict[str, Any], entries: np.ndarray) -> list[tuple[int, dict[str, Any]]]:
+    """Chunks of the top-up: one entry each (an isolated cold start, not a warm
+    start from an unrelated atmosphere), keyed by the entry id."""
     from iris_lab.worlds.chromosphere import sample_mgii_atmospheres
 
     base = spec["base"]
-    entries = rf_topup_entries(base, spec["n_exact"])
+    entries = np.asarray(entries, dtype=int)
     if entries.size == 0:
         return []
     atm, family = sample_mgii_atmospheres(base["n"], seed=base["seed"])
-    tasks = []
-    for c, start in enumerate(range(0, entries.size, spec["chunk_size"])):
-        idx = entries[start:start + spec["chunk_size"]]
-        fields = {k: np.asarray(v)[idx] for k, v in atm.fields().items()}
-        tasks.append((c, {"entries": idx, "fields": fields, "family": family[idx],
-                          "rf": np.ones(idx.size, bool), "synth": base["synth"],
-                          "scale": atm.scale}))
-    return tasks
+    fields = atm.fields()
+    return [(int(e), {"entries": np.array([e]),
+                      "fields": {k: np.asarray(v)[[e]] for k, v in fields.items()},
+                      "family": family[[e]], "rf": np.ones(1, bool), "synth": base["synth"],
+                      "scale": atm.scale}) for e in entries]
+
+
+def _entry_flags(store: CheckpointStore, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(present, converged, responses done) over the ``n`` entries of a store."""
+    import xarray as xr
+
+    present, converged, done = (np.zeros(n, bool) for _ in range(3))
+    for path in sorted(store.path.glob("chunk_*.nc")):
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            e = ds["entry"].values.astype(int)
+            present[e] = True
+            converged[e] = ds["converged"].values.astype(bool)
+            done[e] = ds["rf_done"].values.astype(bool) & converged[e]
+    return present, converged, done
+
+
+def rf_topup_plan(main: CheckpointStore, topup: CheckpointStore, n_exact: int) -> np.ndarray:
+    """Entries the top-up still has to solve for ``n_exact`` exact entries in all,
+    from what the two stores hold (entries that failed in the top-up are not
+    tried again; the next draws take their place)."""
+    n = main.spec["n"]
+    _, converged, done = _entry_flags(main, n)
+    tried, _, top_done = _entry_flags(topup, n)
+    return rf_topup_entries(main.spec, n_exact, exact=done | (top_done & converged),
+                            tried=tried, eligible=converged)
 
 
 def merge_rf_topup(ds: Any, topup: Any) -> tuple[Any, dict[str, str]]:
@@ -831,6 +868,9 @@ def merge_rf_topup(ds: Any, topup: Any) -> tuple[Any, dict[str, str]]:
         ``ds`` with ``rf_spectrum``, ``rf_done`` and ``rf_seconds`` updated, and
         attributes for the export (entries merged, top-up solve time).
     """
+    for coord in ("wl_fine", "rf_parameter"):
+        if not np.array_equal(ds[coord].values, topup[coord].values):
+            raise ValueError(f"the top-up's {coord} differs from the database's")
     good = topup["converged"].values.astype(bool) & topup["rf_done"].values.astype(bool)
     top = topup.isel(entry=np.flatnonzero(good))
     where = {int(e): i for i, e in enumerate(ds["entry"].values)}
@@ -998,6 +1038,8 @@ def export(store: CheckpointStore, out: str | Path, *, command: str | None = Non
                       "n_sequences": str(seqs.size)})
     else:
         if rf_topup is not None and any(rf_topup.path.glob("chunk_*.nc")):
+            if rf_topup.spec.get("base") != store.spec:
+                raise ValueError("the response-function top-up belongs to another build")
             ds, info = merge_rf_topup(ds, rf_topup.load("entry"))
             attrs.update(info)
         ds, info = _export_mgii(ds)
@@ -1082,7 +1124,9 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
     rf_min
         Mg II database: once every entry is solved, top up the entries with
         exact response functions to this many (:func:`rf_topup_spec`; its own
-        store, ``<store>_rf.parts``, resumable like the main one).
+        store, ``<store>_rf.parts``, resumable like the main one; up to three
+        rounds, each replacing the entries that failed in the last). Not used
+        by :func:`build_interleaved`.
 
     Example
     -------
@@ -1102,12 +1146,26 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
               "skipped": len(report.skipped), "seconds": round(report.seconds, 1)})
     topup = None
     if kind == "mgii" and rf_min:
-        topup = CheckpointStore(rf_topup_store_path(store_path), rf_topup_spec(spec, rf_min))
-        if len(ckpt.done()) >= len(tasks):  # the database is complete: top it up
-            left = None if time_limit_s is None else max(0.0, time_limit_s - report.seconds)
-            run_chunks(make_tasks(topup.spec), mgii_chunk_isolated, topup,
-                       scheduler=scheduler, workers=workers, processes=processes,
-                       time_limit_s=left, progress=progress)
+        if not 0 < rf_min <= n:
+            raise ValueError(f"rf_min must be in 1..{n}, not {rf_min}")
+        path = rf_topup_store_path(store_path)
+        complete = len(ckpt.done()) >= len(tasks) and not report.stopped_early
+        if complete or path.exists():
+            topup = CheckpointStore(path, rf_topup_spec(spec))
+        start = time.monotonic()
+        for _ in range(3 if complete else 0):  # entries that fail are replaced next round
+            left = None if time_limit_s is None else \
+                time_limit_s - report.seconds - (time.monotonic() - start)
+            entries = rf_topup_plan(ckpt, topup, rf_min)
+            if entries.size == 0 or (left is not None and left <= 0):
+                break
+            top = run_chunks(rf_topup_tasks(topup.spec, entries), mgii_chunk_isolated, topup,
+                             scheduler=scheduler, workers=workers, processes=processes,
+                             time_limit_s=left, progress=progress)
+            topup.log({"status": "rf top-up", "done": len(top.done),
+                       "failed": len(top.failed), "seconds": round(top.seconds, 1)})
+            if top.stopped_early:
+                break
     if export_file and ckpt.done():
         export(ckpt, out, command=command, rf_topup=topup)
     return out

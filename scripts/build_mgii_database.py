@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         spec = make_spec(kind, n)
         topup = rf_topup_store_path(store)
         export(CheckpointStore(store, spec), out, command=command,
-               rf_topup=(CheckpointStore(topup, rf_topup_spec(spec, rf_min))
-                         if rf_min and topup.exists() else None))
+               rf_topup=(CheckpointStore(topup, rf_topup_spec(spec))
+                         if kind == "mgii" and topup.exists() else None))
     else:
         build_database(kind, n, out, scheduler=args.scheduler, workers=args.workers,
                        store=store, time_limit_s=args.time_limit, command=command,

@@ -211,14 +211,15 @@ def test_chunk_process_ends_when_its_worker_dies(tmp_path):
 
 def test_rf_topup_continues_the_seeded_choice():
     """The top-up takes the entries whose uniform draws come next above rf_fraction:
-    disjoint from the seeded choice, as many as n_exact asks, the same atmospheres as
-    the database's own chunks."""
+    disjoint from the seeded choice, as many as n_exact asks, skipping entries that
+    are not eligible or were tried; the same atmospheres as the database's chunks."""
     from iris_lab.builder import (
         _rf_draws,
         make_tasks,
         rf_topup_entries,
         rf_topup_spec,
         rf_topup_store_path,
+        rf_topup_tasks,
     )
 
     spec = make_spec("mgii", 60)
@@ -233,22 +234,58 @@ def test_rf_topup_continues_the_seeded_choice():
     assert np.array_equal(flags, u < spec["rf_fraction"])  # the mask make_tasks uses
     n_exact = int(flags.sum()) + 5
     extra = rf_topup_entries(spec, n_exact)
-    assert extra.size == 5 and not flags[extra].any()
-    assert u[extra].max() < np.sort(u[~flags])[5]  # the next five draws, no other
+    order = np.flatnonzero(~flags)[np.argsort(u[~flags])]
+    assert np.array_equal(extra, np.sort(order[:5]))  # the next five draws
     assert rf_topup_entries(spec, int(flags.sum())).size == 0
-    top = rf_topup_spec(spec, n_exact)
-    top_tasks = make_tasks(top)
-    got = np.concatenate([p["entries"] for _, p in top_tasks])
-    assert np.array_equal(np.sort(got), extra)
-    for _, payload in top_tasks:
+    # one seeded entry without responses (not converged) and one tried and failed:
+    exact = flags.copy()
+    exact[np.flatnonzero(flags)[0]] = False
+    eligible = np.ones(60, bool)
+    eligible[np.flatnonzero(flags)[0]] = False
+    tried = np.zeros(60, bool)
+    tried[order[0]] = True
+    again = rf_topup_entries(spec, n_exact, exact=exact, tried=tried, eligible=eligible)
+    assert np.array_equal(again, np.sort(order[1:7]))  # six more, the tried one skipped
+    top = rf_topup_spec(spec)
+    top_tasks = rf_topup_tasks(top, extra)
+    assert [cid for cid, _ in top_tasks] == extra.tolist()  # keyed by the entry id
+    for cid, payload in top_tasks:
         assert payload["rf"].all() and payload["synth"] == spec["synth"]
-        for j, e in enumerate(payload["entries"]):
-            np.testing.assert_array_equal(payload["fields"]["temperature"][j], fields[int(e)])
+        assert payload["entries"].tolist() == [cid]
+        np.testing.assert_array_equal(payload["fields"]["temperature"][0], fields[cid])
     assert rf_topup_store_path("build/mgii_database.parts").name == "mgii_database_rf.parts"
     with pytest.raises(ValueError, match="mgii"):
-        rf_topup_spec(make_spec("flare", 20), 5)
-    with pytest.raises(ValueError, match="n_exact"):
-        rf_topup_spec(spec, 61)
+        rf_topup_spec(make_spec("flare", 20))
+
+
+def test_rf_topup_plan_counts_what_the_stores_hold(tmp_path):
+    """The plan asks for the deficit of converged entries with responses in the
+    database and the top-up, never an unconverged or already-tried entry."""
+    import xarray as xr
+
+    from iris_lab.builder import _rf_draws, rf_topup_plan, rf_topup_spec
+
+    spec = make_spec("mgii", 40, chunk_size=10)
+    seeded = _rf_draws(spec) < spec["rf_fraction"]
+    main = CheckpointStore(tmp_path / "db.parts", spec)
+    converged = np.ones(40, bool)
+    converged[[3, 7]] = False
+    for c in range(4):
+        e = np.arange(10 * c, 10 * c + 10)
+        main.write(c, xr.Dataset({"converged": ("entry", converged[e]),
+                                  "rf_done": ("entry", seeded[e] & converged[e])},
+                                 coords={"entry": e}))
+    top = CheckpointStore(tmp_path / "db_rf.parts", rf_topup_spec(spec))
+    have = int((seeded & converged).sum())
+    first = rf_topup_plan(main, top, have + 3)
+    assert first.size == 3 and converged[first].all() and not seeded[first].any()
+    # the first top-up entry fails, the second succeeds
+    for e, ok in zip(first[:2], (False, True), strict=True):
+        top.write(int(e), xr.Dataset({"converged": ("entry", [ok]), "rf_done": ("entry", [ok])},
+                                     coords={"entry": [e]}))
+    second = rf_topup_plan(main, top, have + 3)
+    assert second.size == 2 and first[0] not in second and first[1] not in second
+    assert first[2] in second
 
 
 def test_merge_rf_topup_keeps_the_top_up_differences():
@@ -267,7 +304,8 @@ def test_merge_rf_topup_keeps_the_top_up_differences():
                      "rf_spectrum": (("entry", "rf_parameter", "wl_fine"), rf),
                      "rf_done": ("entry", np.arange(n) == 1),
                      "rf_seconds": ("entry", np.zeros(n))},
-                    coords={"entry": np.arange(10, 10 + n)})
+                    coords={"entry": np.arange(10, 10 + n), "wl_fine": np.arange(n_wl),
+                            "rf_parameter": np.arange(n_rf)})
     top_spec = spec[[1, 3, 4]] + 0.01  # a slightly different converged solution
     top_rf = top_spec[:, None, :] + rng.random((3, n_rf, n_wl))
     top = xr.Dataset({"spectrum": (("entry", "wl_fine"), top_spec),
@@ -276,7 +314,8 @@ def test_merge_rf_topup_keeps_the_top_up_differences():
                       "converged": ("entry", np.ones(3, bool)),
                       "rf_seconds": ("entry", np.full(3, 100.0)),
                       "solve_seconds": ("entry", np.full(3, 5.0))},
-                     coords={"entry": [11, 13, 14]})
+                     coords={"entry": [11, 13, 14], "wl_fine": np.arange(n_wl),
+                             "rf_parameter": np.arange(n_rf)})
     out, info = merge_rf_topup(db, top)
     assert info["rf_topup_entries"] == "1" and info["rf_topup_seconds"] == "315"
     assert out["rf_done"].values.tolist() == [False, True, False, True, False]
@@ -285,3 +324,20 @@ def test_merge_rf_topup_keeps_the_top_up_differences():
     np.testing.assert_array_equal(out["rf_spectrum"].values[1], rf[1])  # kept
     assert np.isnan(out["rf_spectrum"].values[4]).all()  # its top-up failed
     assert out["rf_seconds"].values[3] == 105.0
+
+
+def test_merge_rf_topup_refuses_another_grid():
+    import xarray as xr
+
+    from iris_lab.builder import merge_rf_topup
+
+    def ds(wl):
+        return xr.Dataset({"spectrum": (("entry", "wl_fine"), np.ones((1, wl.size))),
+                           "rf_spectrum": (("entry", "rf_parameter", "wl_fine"),
+                                           np.ones((1, 2, wl.size))),
+                           "rf_done": ("entry", [True]), "converged": ("entry", [True]),
+                           "rf_seconds": ("entry", [1.0]), "solve_seconds": ("entry", [1.0])},
+                          coords={"entry": [0], "wl_fine": wl, "rf_parameter": ["a", "b"]})
+
+    with pytest.raises(ValueError, match="wl_fine"):
+        merge_rf_topup(ds(np.arange(3.0)), ds(np.arange(4.0)))

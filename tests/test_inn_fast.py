@@ -264,6 +264,26 @@ def test_reverse_latent_builds_rows_and_unscales_in_one_call(inn):
                                atol=2e-6 * float(ref.abs().max()))
     with pytest.raises(ValueError, match="inconsistent"):  # rows past the last pixel
         fast.reverse_latent(y, z, 10, scale=1.0, mean=mean, std=std, out=out)
+    for bad in (dict(row0=-1), dict(n_draws=0)):
+        kw = dict(scale=1.0, mean=mean, std=std, out=out, n_draws=n_draws) | bad
+        with pytest.raises(ValueError, match="reverse_latent"):
+            fast.reverse_latent(y, z, **kw)
+    with pytest.raises(ValueError, match="float32"):
+        fast.reverse_latent(y, z, n_draws, scale=1.0, mean=mean, std=std,
+                            out=out.double())
     with pytest.raises(RuntimeError, match="driver"):
         FrozenINN.from_sequence(inn.net_, driver=False).reverse_latent(
             y, z, n_draws, scale=1.0, mean=mean, std=std, out=out)
+
+
+def test_frozen_checks_and_converts_its_output(inn):
+    """``out`` of another shape is refused; a float64 ``out`` gets the float32 result."""
+    fast = FrozenINN.from_sequence(inn.net_)
+    x = torch.randn(10, inn.width, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="out must be"):
+        fast.reverse(x, out=torch.empty(2, inn.width))
+    ref = fast.reverse(x)
+    x64 = x.double()
+    got = fast.reverse(x64, out=x64)
+    assert got.dtype == torch.float64 and got.data_ptr() == x64.data_ptr()
+    np.testing.assert_array_equal(got.float().numpy(), ref.numpy())

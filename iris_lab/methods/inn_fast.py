@@ -283,9 +283,15 @@ int iris_inn_run(void *gemm_ptr, int32_t n_blocks, const iris_block *blocks, int
             #pragma omp atomic write
             failed = 1;
         }
+        /* every thread sees every allocation's outcome: all run, or none does (an
+           in-place call is then left untouched) */
+        #pragma omp barrier
+        int any_failed;
+        #pragma omp atomic read
+        any_failed = failed;
+        if (!any_failed) {
         #pragma omp for schedule(dynamic)
         for (int64_t q = 0; q < n_chunks; q++) {
-            if (mem == NULL) continue;
             int64_t r0 = q * chunk;
             int r = (int)(n - r0 < chunk ? n - r0 : chunk);
             float *cur = mem, *other = mem + (size_t)width * chunk;
@@ -339,6 +345,7 @@ int iris_inn_run(void *gemm_ptr, int32_t n_blocks, const iris_block *blocks, int
                     memcpy(o, c, sizeof(float) * width);
                 }
             }
+        }
         }
         free(mem);
     }
@@ -978,13 +985,20 @@ class FrozenINN:
         if self._plan is None:
             raise RuntimeError("reverse_latent needs the whole-network driver")
         gemm, blocks, _, hid = self._plan
-        y = y.to(torch.float32).contiguous()
-        z = z.to(torch.float32)
-        mean = mean.to(torch.float32).contiguous()
-        std = std.to(torch.float32).contiguous()
+        cpu = torch.device("cpu")
+        y = y.to(cpu, torch.float32).contiguous()
+        z = z.to(cpu, torch.float32)
+        mean = mean.to(cpu, torch.float32).contiguous()
+        std = std.to(cpu, torch.float32).contiguous()
+        if y.ndim != 2 or z.ndim != 2 or mean.ndim != 1 or std.shape != mean.shape \
+                or n_draws < 1 or row0 < 0:
+            raise ValueError("inconsistent shapes for reverse_latent (y (pixels, n_y), "
+                             "z (rows, n_z), mean/std (n,), n_draws ≥ 1, row0 ≥ 0)")
         ny, nz, n = y.shape[1], z.shape[1], mean.shape[0]
+        if out.dtype != torch.float32 or out.device != cpu:
+            raise ValueError("out must be a float32 CPU tensor")
         if ny + nz > self.width or n > self.width or out.shape != (z.shape[0], n) \
-                or z.stride(1) != 1 or out.stride(1) != 1 or std.shape != mean.shape \
+                or z.stride(1) != 1 or out.stride(1) != 1 \
                 or (z.shape[0] and (row0 + z.shape[0] - 1) // n_draws >= y.shape[0]):
             raise ValueError("inconsistent shapes for reverse_latent")
         io = _CIO(y.data_ptr(), y.stride(0), ny, n_draws, row0, nz, float(scale),
@@ -1004,6 +1018,11 @@ class FrozenINN:
         x = x.to(self.device, torch.float32)
         if out is None:
             out = torch.empty_like(x)
+        elif out.shape != x.shape or out.device != x.device:
+            raise ValueError(f"out must be {tuple(x.shape)} on {x.device}, got "
+                             f"{tuple(out.shape)} on {out.device}")
+        elif out.dtype != torch.float32:  # evaluate in float32, then convert
+            return out.copy_(self._call(x, None, rev))
         with torch.inference_mode():
             if self._plan is not None and x.shape[0] > 0:
                 self._drive(x, out, rev)
@@ -1015,7 +1034,7 @@ class FrozenINN:
         gemm, blocks, _, hid = self._plan
         if x.stride(1) != 1:
             x = x.contiguous()
-        dst = out if out.stride(1) == 1 else torch.empty(out.shape)
+        dst = out if out.stride(1) == 1 else torch.empty(out.shape, dtype=torch.float32)
         rc = self._lib.iris_inn_run(gemm, len(blocks), ctypes.addressof(blocks), x.shape[0],
                                     x.data_ptr(), x.stride(0), dst.data_ptr(), dst.stride(0),
                                     self.width, hid, int(rev), self.chunk_rows, None,
