@@ -640,7 +640,9 @@ class FlareINN:
         frozen = self._evaluator(fast)
         chunk = frozen.batch_rows if frozen is not None else max_rows
         mean, std = self.x_mean_.to(dev), self.x_std_.to(dev)
-        inp = torch.empty(min(chunk, pix_per * n_draws), self.width, device=dev)
+        driver = frozen is not None and frozen.uses_driver  # builds its own input rows
+        inp = None if driver else torch.empty(min(chunk, pix_per * n_draws), self.width,
+                                              device=dev)
         # one latent buffer refilled in place (the same numbers as torch.randn per group,
         # without paging in a fresh ~50 MB array for every group)
         z_buf = torch.empty(min(n_pix, pix_per) * n_draws * nz, device=dev)
@@ -649,7 +651,7 @@ class FlareINN:
                 yy = y[s:s + pix_per]
                 rows = yy.shape[0] * n_draws
                 z = z_buf[:rows * nz].view(rows, nz).normal_(generator=generator)
-                if frozen is not None and frozen.uses_driver:
+                if driver:
                     # one call: input rows built, network run and output unscaled in C
                     frozen.reverse_latent(yy, z, n_draws, scale=self.latent_scale_, mean=mean,
                                           std=std, out=flat[s * n_draws:s * n_draws + rows])

@@ -154,6 +154,20 @@ void iris_coupling_poly(int64_t n, int64_t h, float *x, int64_t ldx, const float
     }
 }
 
+/* One row of the element-wise passes, shared by the stepwise kernels and the driver. */
+static inline void bias_leaky_row(int64_t m, float *restrict h, const float *restrict b,
+                                  float slope) {
+    for (int64_t j = 0; j < m; j++) {
+        float v = h[j] + b[j];
+        h[j] = v > 0.0f ? v : v * slope;
+    }
+}
+
+static inline void gather_row(int64_t w, const float *restrict si, float *restrict di,
+                              const int64_t *restrict idx) {
+    for (int64_t j = 0; j < w; j++) di[j] = si[idx[j]];
+}
+
 /* ---------------------------------------------------------------- whole-network driver
    One call runs every block over row chunks small enough that a chunk's buffers stay in
    the L2 cache: the matrix products through the BLAS sgemm that torch itself uses (a
@@ -200,16 +214,8 @@ static void subnet_rows(iris_sgemm_t gemm, const iris_subnet *s, float slope, in
         int ldd = last ? ldout : ldh;
         /* column-major view: dst^T (m, r) = W (k, m)^T-as-stored^T . src^T (k, r) */
         gemm("T", "N", &m, &r, &k, &one, s->w[l], &k, src, &lds, &zero, dst, &ldd);
-        if (!last) {
-            const float *restrict b = s->b[l];
-            for (int i = 0; i < r; i++) {
-                float *restrict d = dst + (int64_t)i * ldd;
-                for (int j = 0; j < m; j++) {
-                    float v = d[j] + b[j];
-                    d[j] = v > 0.0f ? v : v * slope;
-                }
-            }
-        }
+        if (!last)
+            for (int i = 0; i < r; i++) bias_leaky_row(m, dst + (int64_t)i * ldd, s->b[l], slope);
         src = dst;
         lds = ldd;
     }
@@ -246,11 +252,7 @@ static void update_rows(const iris_block *B, int r, int h, float *x, int ldx, co
 }
 
 static void gather_rows(int r, int w, const float *src, float *dst, const int64_t *idx) {
-    for (int i = 0; i < r; i++) {
-        const float *restrict si = src + (int64_t)i * w;
-        float *restrict di = dst + (int64_t)i * w;
-        for (int j = 0; j < w; j++) di[j] = si[idx[j]];
-    }
+    for (int i = 0; i < r; i++) gather_row(w, src + (int64_t)i * w, dst + (int64_t)i * w, idx);
 }
 
 /* Optional input and output transforms of iris_inn_run. With y: row i of the input is
@@ -356,24 +358,14 @@ int iris_inn_run(void *gemm_ptr, int32_t n_blocks, const iris_block *blocks, int
 void iris_bias_leaky(int64_t n, int64_t m, float *h, int64_t ld, const float *b, float slope,
                      int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1 && n * m > 32768)
-    for (int64_t i = 0; i < n; i++) {
-        float *restrict hi = h + i * ld;
-        for (int64_t j = 0; j < m; j++) {
-            float v = hi[j] + b[j];
-            hi[j] = v > 0.0f ? v : v * slope;
-        }
-    }
+    for (int64_t i = 0; i < n; i++) bias_leaky_row(m, h + i * ld, b, slope);
 }
 
 /* dst[i, j] = src[i, idx[j]] */
 void iris_gather(int64_t n, int64_t w, const float *src, int64_t lds, float *dst, int64_t ldd,
                  const int64_t *idx, int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static) if(nt > 1 && n * w > 32768)
-    for (int64_t i = 0; i < n; i++) {
-        const float *restrict si = src + i * lds;
-        float *restrict di = dst + i * ldd;
-        for (int64_t j = 0; j < w; j++) di[j] = si[idx[j]];
-    }
+    for (int64_t i = 0; i < n; i++) gather_row(w, src + i * lds, dst + i * ldd, idx);
 }
 
 /* Network representation → CGS, per row of x: [log n_e | log T | sign(v) log(|v|/1e5 + 1)]
@@ -984,7 +976,6 @@ class FrozenINN:
         """
         if self._plan is None:
             raise RuntimeError("reverse_latent needs the whole-network driver")
-        gemm, blocks, _, hid = self._plan
         cpu = torch.device("cpu")
         y = y.to(cpu, torch.float32).contiguous()
         z = z.to(cpu, torch.float32)
@@ -1004,13 +995,20 @@ class FrozenINN:
         io = _CIO(y.data_ptr(), y.stride(0), ny, n_draws, row0, nz, float(scale),
                   mean.data_ptr(), std.data_ptr(), n)
         with torch.inference_mode():
-            rc = self._lib.iris_inn_run(gemm, len(blocks), ctypes.addressof(blocks), z.shape[0],
-                                        z.data_ptr(), z.stride(0), out.data_ptr(),
-                                        out.stride(0), self.width, hid, 1, self.chunk_rows,
-                                        ctypes.byref(io), torch.get_num_threads())
+            self._call_driver(z, out, True, io)
+        return out
+
+    def _call_driver(self, x: torch.Tensor, out: torch.Tensor, rev: bool,
+                     io: _CIO | None) -> None:
+        """``iris_inn_run`` over the rows of ``x`` into ``out`` (unit column strides)."""
+        gemm, blocks, _, hid = self._plan
+        rc = self._lib.iris_inn_run(gemm, len(blocks), ctypes.addressof(blocks), x.shape[0],
+                                    x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0),
+                                    self.width, hid, int(rev), self.chunk_rows,
+                                    None if io is None else ctypes.byref(io),
+                                    torch.get_num_threads())
         if rc != 0:
             raise MemoryError("the INN driver could not allocate its chunk buffers")
-        return out
 
     def _call(self, x: torch.Tensor, out: torch.Tensor | None, rev: bool) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.width:
@@ -1031,16 +1029,10 @@ class FrozenINN:
         return out
 
     def _drive(self, x: torch.Tensor, out: torch.Tensor, rev: bool) -> None:
-        gemm, blocks, _, hid = self._plan
         if x.stride(1) != 1:
             x = x.contiguous()
         dst = out if out.stride(1) == 1 else torch.empty(out.shape, dtype=torch.float32)
-        rc = self._lib.iris_inn_run(gemm, len(blocks), ctypes.addressof(blocks), x.shape[0],
-                                    x.data_ptr(), x.stride(0), dst.data_ptr(), dst.stride(0),
-                                    self.width, hid, int(rev), self.chunk_rows, None,
-                                    torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError("the INN driver could not allocate its chunk buffers")
+        self._call_driver(x, dst, rev, None)
         if dst is not out:
             out.copy_(dst)
 
