@@ -195,3 +195,41 @@ def test_explorer_select_updates_readout_and_image(experiment):
     assert explorer.detail.value != before
     explorer.select(9, -3)                          # clipped into the map
     assert explorer.selected == (1, 0)
+
+
+# ----------------------------------------------------------------------------- azimuth start
+def test_azimuth_from_stokes_recovers_the_field_azimuth_of_lte_spectra():
+    """Spectra of the LTE engine with known azimuths (several beyond ±45°,
+    where the 90° ambiguity bites) against the Q of a different start model
+    (weaker, less inclined field) at azimuth 0: the recovered azimuth is the
+    true one (mod π), because Q and U of a depth-constant azimuth are one
+    profile times cos 2φ and sin 2φ (up to magneto-optical rotation)."""
+    from iris_lab.atomic import LineList
+    from iris_lab.inversion.experiment import window_wavelengths
+    from iris_lab.inversion.lte import LTEForward, azimuth_from_stokes, quiet_sun_start
+    from iris_lab.nodes import NodeModel
+    from iris_lab.synthesis.lte import LTESynthesizer
+
+    lines = LineList.shipped("4015_4017").select([12, 13])
+    wave = window_wavelengths(np.asarray(lines.wavelength_air, dtype=float))
+    model = NodeModel({"temperature": [-2.0, -0.5, 0.5], "b_field": [-1.0],
+                       "inclination": [-1.0], "azimuth": [-1.0]},
+                      log_tau=np.round(np.arange(-3.6, 1.01, 0.2), 2))
+    fwd = LTEForward(model, LTESynthesizer(lines, wave), continuum=1.0)
+    truth = np.array([0.3, -1.2, 1.4, -0.6, 2.9 - np.pi])       # rad, in (−π/2, π/2]
+    pixel = quiet_sun_start(model, b_field=1500.0, inclination=1.2, azimuth=0.0)
+    params = np.repeat(pixel[None], truth.size, 0)
+    params[:, -1] = truth
+    with torch.no_grad():
+        stokes = fwd(torch.as_tensor(params, dtype=DT)).reshape(truth.size, 4, -1).numpy()
+        ref = fwd(torch.as_tensor(quiet_sun_start(model, b_field=300.0, inclination=0.8,
+                                                  azimuth=0.0)[None], dtype=DT))
+    ref_q = ref.reshape(4, -1)[1].numpy()
+    assert np.abs(stokes[:, 2]).max() > 1e-4                     # U is there to be read
+    found = azimuth_from_stokes(stokes[:, 1], stokes[:, 2], ref_q)
+    # within the rotation of the polarisation plane by magneto-optical effects
+    # (Faraday rotation, 0.06 rad at 1500 G here), far from the 90° ambiguity
+    assert found == pytest.approx(truth, abs=0.1)
+    assert np.ptp(found - truth) < 1e-6                          # one rotation for all
+    # a pixel without linear polarisation gets azimuth 0, not NaN
+    assert azimuth_from_stokes(np.zeros(4), np.zeros(4), np.ones(4)) == 0.0

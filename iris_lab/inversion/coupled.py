@@ -125,14 +125,26 @@ class NormalBlocks:
                             C=self.C + other.C, a=torch.cat([self.a, other.a]),
                             c=self.c + other.c, chi2=torch.cat([self.chi2, other.chi2]))
 
-    def damped(self, lam: float) -> tuple[NormalBlocks, torch.Tensor, torch.Tensor]:
+    def column_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column norms of the weighted Jacobians: ``(P, n)`` and ``(k,)``."""
+        return (torch.sqrt(torch.diagonal(self.A, dim1=-2, dim2=-1)),
+                torch.sqrt(torch.diagonal(self.C)))
+
+    def damped(self, lam: float, floor: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[NormalBlocks, torch.Tensor, torch.Tensor]:
         """Marquardt-scaled blocks with ``λ`` added to the unit diagonal.
+
+        ``floor``: lower limits ``(P, n)``, ``(k,)`` of the column scales
+        (Moré 1978: the largest column norms met so far in the fit), so that a
+        parameter whose column has nearly vanished does not get a huge step
+        at every λ.
 
         Returns the scaled blocks and the column scales ``d_local (P, n)``,
         ``d_global (k,)``; the unscaled step is ``δ = δ_scaled / d``.
         """
-        dl = torch.sqrt(torch.diagonal(self.A, dim1=-2, dim2=-1))
-        dg = torch.sqrt(torch.diagonal(self.C))
+        dl, dg = self.column_scales()
+        if floor is not None:
+            dl, dg = torch.maximum(dl, floor[0]), torch.maximum(dg, floor[1])
         dl = torch.where(dl > 0, dl, torch.ones_like(dl))
         dg = torch.where(dg > 0, dg, torch.ones_like(dg))
         n, k = self.A.shape[-1], self.C.shape[-1]
@@ -547,9 +559,13 @@ class CoupledLevenbergMarquardt:
 
             iterator = tqdm(iterator, desc="coupled LM", leave=False)
         it = state["iteration"]
+        # Moré's scaling: the largest column norms of every parameter so far
+        scale_l, scale_g = blocks.column_scales()
         for it in iterator:
             t_it = time.perf_counter()
-            scaled, dl, dgs = blocks.damped(lam)
+            now_l, now_g = blocks.column_scales()
+            scale_l, scale_g = torch.maximum(scale_l, now_l), torch.maximum(scale_g, now_g)
+            scaled, dl, dgs = blocks.damped(lam, (scale_l, scale_g))
             # hold the parameters on a bound that the descent direction leaves
             held_l = blocked_at_bounds(x, blocks.a, lo, hi)
             held_g = blocked_at_bounds(g, blocks.c, glo, ghi)

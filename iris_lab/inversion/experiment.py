@@ -58,15 +58,15 @@ _STRATIFICATIONS = (("temperature", "K"), ("v_los", "cm / s"), ("b_field", "G"))
 
 def small_nodes() -> dict[str, list[float]]:
     """A reduced node layout for quick runs: T at 3 nodes, v_los and B at 2,
-    v_turb and inclination at 1 (9 parameters per pixel).
+    v_turb, inclination and azimuth at 1 (10 parameters per pixel).
 
     Example
     -------
     >>> sum(len(v) for v in small_nodes().values())
-    9
+    10
     """
     return {"temperature": [-2.2, -1.0, 0.2], "v_los": [-1.6, 0.0], "v_turb": [-1.0],
-            "b_field": [-1.6, 0.0], "inclination": [-1.0]}
+            "b_field": [-1.6, 0.0], "inclination": [-1.0], "azimuth": [-1.0]}
 
 
 def small_log_tau() -> np.ndarray:
@@ -264,7 +264,7 @@ def run_coupled_experiment(
     from iris_lab.atomic import LineList
     from iris_lab.inversion.coupled import AtomicInversion, AtomicParameters
     from iris_lab.inversion.lm import FLAG_DIVERGED, FLAG_NAN
-    from iris_lab.inversion.lte import LTEForward, quiet_sun_start
+    from iris_lab.inversion.lte import LTEForward, azimuth_from_stokes, quiet_sun_start
     from iris_lab.nodes import NodeModel
     from iris_lab.synthesis.lte import LTESynthesizer
     from iris_lab.worlds.photosphere import sample_photosphere_fov, synthesize_fov
@@ -317,6 +317,16 @@ def run_coupled_experiment(
     fwd = LTEForward(model, synth, continuum=i_c)
     start = quiet_sun_start(model, b_field=300.0, inclination=1.0, v_turb=0.8e5, azimuth=None)
     x0 = np.broadcast_to(start, (n_pix, start.size)).copy()
+    azimuth_nodes = [i for i, name in enumerate(model.parameter_names)
+                     if name.startswith("azimuth")]
+    if azimuth_nodes:  # each pixel starts at the azimuth of its own linear polarisation
+        at_zero = start.copy()
+        at_zero[azimuth_nodes] = 0.0
+        with torch.no_grad():
+            start_q = fwd(torch.as_tensor(at_zero[None], dtype=torch.float64))
+        stokes = data.reshape(n_pix, 4, -1)
+        x0[:, azimuth_nodes] = azimuth_from_stokes(
+            stokes[:, 1], stokes[:, 2], start_q.reshape(4, -1)[1].cpu().numpy())[:, None]
     lo, hi = model.bounds
     sigma = 1e-4 if snr is None else np.maximum(obs["sigma"].values.reshape(n_pix, -1), 1e-6)
 

@@ -257,7 +257,8 @@ def blocked_at_bounds(x: torch.Tensor, descent: torch.Tensor, lower: torch.Tenso
 
 
 def solve_damped(jac: torch.Tensor, res: torch.Tensor, lam: torch.Tensor,
-                 held: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 held: torch.Tensor | None = None, scale_floor: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Marquardt-scaled damped Gauss–Newton step, batched over pixels.
 
     Parameters
@@ -271,6 +272,12 @@ def solve_damped(jac: torch.Tensor, res: torch.Tensor, lam: torch.Tensor,
     held
         Parameters to hold (zero step), ``(p, n)`` bool, e.g. the active set
         :func:`blocked_at_bounds`.
+    scale_floor
+        Lower limit ``(p, n)`` of the Marquardt column scales (Moré 1978: the
+        largest column norm met so far in the fit). Without it a parameter
+        whose column has (nearly) vanished, an inclination at 0 or π where
+        the spectra are symmetric in it, gets a tiny scale and a huge step
+        at any λ, and every trial step fails.
 
     Returns
     -------
@@ -289,6 +296,8 @@ def solve_damped(jac: torch.Tensor, res: torch.Tensor, lam: torch.Tensor,
     if held is not None:
         jac = jac * (~held).to(jac.dtype)[:, None, :]
     scale = torch.linalg.vector_norm(jac, dim=-2)                    # (p, n)
+    if scale_floor is not None:
+        scale = torch.maximum(scale, scale_floor)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     js = jac / scale[:, None, :]
     hess = js.transpose(-1, -2) @ js
@@ -724,6 +733,8 @@ class LevenbergMarquardt:
         jac_all = torch.zeros((n_pix, res.shape[-1], n), dtype=self.dtype, device=self.device)
         jac_all[:] = jac.detach()
         fresh = torch.ones(n_pix, dtype=torch.bool, device=self.device)  # jac_all is current
+        # Moré's scaling: the largest weighted column norm of each parameter so far
+        col_scale = torch.zeros((n_pix, n), dtype=self.dtype, device=self.device)
         history = [float(torch.nansum(chi2))]
 
         iterator = range(max_iter)
@@ -755,7 +766,9 @@ class LevenbergMarquardt:
                     break
             descent = -(jw.transpose(-1, -2) @ r_a[..., None])[..., 0]
             held = blocked_at_bounds(x[idx], descent, lo, hi)
-            step, _ = solve_damped(jw, r_a, lam[idx], held if bool(held.any()) else None)
+            col_scale[idx] = torch.maximum(col_scale[idx], torch.linalg.vector_norm(jw, dim=-2))
+            step, _ = solve_damped(jw, r_a, lam[idx], held if bool(held.any()) else None,
+                                   scale_floor=col_scale[idx])
             x_try = torch.minimum(torch.maximum(x[idx] + step, lo), hi)
             eval_idx = idx if subset else all_idx
             if subset:
