@@ -297,7 +297,7 @@ def main(argv=None) -> None:
     p.add_argument("--nx", type=int, default=10)
     p.add_argument("--snr", type=_snr, nargs="+", default=[None, 1000.0, 300.0])
     p.add_argument("--modes", type=_mode, nargs="+", default=[1, 2, 3, "averaged"])
-    p.add_argument("--max-iter", type=int, default=30)
+    p.add_argument("--max-iter", type=int, default=40)
     p.add_argument("--lines", choices=["small", "all"], default="small",
                    help="the 5 lines of the notebook's problem or all 18")
     p.add_argument("--grid", choices=["coarse", "fine"], default="coarse",

@@ -422,3 +422,18 @@ def test_coupled_reaches_bounded_optimum_of_scipy():
     # the bound binds in some pixels, not all (a pinned parameter must be able to leave)
     on_bound = np.isclose(cl.local_[:, 0].numpy(), upper)
     assert on_bound.any() and not on_bound.all()
+
+
+def test_damped_blocks_floor_bounds_the_step_of_a_vanished_local_column():
+    from iris_lab.inversion.coupled import NormalBlocks, schur_solve
+
+    jl = torch.tensor([[[1.0, 0.0], [0.0, 1e-9], [0.0, 0.0]]], dtype=DT)
+    jg = torch.tensor([[[0.0], [0.0], [1.0]]], dtype=DT)
+    res = torch.tensor([[0.5, 0.5, 0.1]], dtype=DT)
+    blocks = NormalBlocks.from_jacobians(jl, jg, res)
+    steps = {}
+    for floor in (None, (torch.ones(1, 2, dtype=DT), torch.ones(1, dtype=DT))):
+        scaled, dl, dg = blocks.damped(1e3, floor)
+        dx, _ = schur_solve(scaled)
+        steps[floor is None] = (dx / dl)[0, 1].abs().item()
+    assert steps[True] > 1e5 and steps[False] < 1e-9

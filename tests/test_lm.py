@@ -20,6 +20,7 @@ from iris_lab.inversion.lm import (
     Cycle,
     LevenbergMarquardt,
     jacobian,
+    solve_damped,
 )
 
 DT = torch.float64
@@ -284,3 +285,42 @@ def test_active_bound_is_held_and_constrained_optimum_found():
     # stalls; holding x0 on its bound reaches the constrained optimum at once
     assert np.allclose(lm.result_.x[0].numpy(), ref.x, atol=1e-8)
     assert int(lm.result_.quality[0]) & FLAG_AT_BOUND
+
+
+def test_screen_starts_picks_each_pixels_best_candidate_and_skips_nan_models():
+    from iris_lab.inversion.lm import screen_starts
+
+    grid = torch.linspace(-1.0, 1.0, 21, dtype=torch.float64)
+
+    def line(z):   # a Gaussian line at z[:, 0]; NaN model for z[:, 0] > 1.5
+        out = torch.exp(-((grid - z[:, :1]) / 0.2) ** 2)
+        return torch.where(z[:, :1] > 1.5, torch.nan, out)
+
+    obs = line(torch.tensor([[0.55], [-0.45], [0.05]], dtype=torch.float64))
+    shared = torch.tensor([[-0.5], [0.0], [0.5], [2.0]], dtype=torch.float64)
+    start, choice = screen_starts(line, shared, obs, sigma=0.01)
+    assert choice.tolist() == [2, 0, 1]
+    assert torch.equal(start, shared[choice])
+    # per-pixel candidates; the NaN candidate (2.0) never wins, even against a poor one
+    own = torch.tensor([[[2.0], [-0.9]], [[-0.4], [2.0]], [[2.0], [0.1]]], dtype=torch.float64)
+    start, choice = screen_starts(line, own, obs)
+    assert choice.tolist() == [1, 0, 1]
+    assert start[:, 0].tolist() == [-0.9, -0.4, 0.1]
+    with pytest.raises(ValueError, match="candidates"):
+        screen_starts(line, own[:2], obs)
+
+
+def test_more_scale_floor_keeps_a_vanished_column_from_taking_a_huge_step():
+    """A column that has nearly vanished (an inclination at 0 or π, where the
+    spectra are symmetric in it) gets a unit-norm scaled column without a
+    floor, so its step is ~1/‖column‖ at any λ; the floor (the column's
+    earlier norm) bounds it."""
+    jac = torch.tensor([[[1.0, 0.0], [0.0, 1e-9], [0.0, 0.0]]], dtype=torch.float64)
+    res = torch.tensor([[0.5, 0.5, 0.1]], dtype=torch.float64)
+    lam = torch.tensor([1e3], dtype=torch.float64)
+    bare, _ = solve_damped(jac, res, lam)
+    floored, _ = solve_damped(jac, res, lam, scale_floor=torch.tensor([[1.0, 1.0]],
+                                                                      dtype=torch.float64))
+    assert abs(float(bare[0, 1])) > 1e5                 # the pathology
+    assert abs(float(floored[0, 1])) < 1e-9             # bounded by the floor
+    assert float(floored[0, 0]) == pytest.approx(float(bare[0, 0]))   # others unchanged

@@ -175,7 +175,8 @@ def run_coupled_experiment(
     reference_line: int | None = None, sigma_log_gf: float = 0.2,
     sigma_dlambda: float = 0.005, jacobian: str = "batched", lam0: float = 0.1,
     uncertainties: bool = False, n_reseeds: int = 3, local_warmup: int = 0,
-    seed: int = 0, fov_seed: int = 0, device: str = "cpu", progress: bool = False,
+    screen: bool = True, seed: int = 0, fov_seed: int = 0, device: str = "cpu",
+    progress: bool = False,
 ):
     """Synthesise a field of view, perturb the atomic data, invert in every mode.
 
@@ -228,6 +229,14 @@ def run_coupled_experiment(
         Per-pixel iterations of mode 3's atmospheres at the starting atomic
         data before the coupled iterations (one Marquardt parameter per pixel;
         ``max_iter`` coupled iterations follow).
+    screen
+        Start every pixel from the best of three atmospheres (quiet Sun,
+        penumbra, umbra: :func:`~iris_lab.inversion.lte.photospheric_starts`)
+        at the mode's starting atomic data, screened by one forward call
+        (:func:`~iris_lab.inversion.lm.screen_starts`); ``False``: the quiet
+        Sun for every pixel. The azimuth always starts from each pixel's
+        linear polarisation (:func:`~iris_lab.inversion.lte.azimuth_from_stokes`)
+        when the node layout has one.
     seed, fov_seed
         Seeds of the atomic-data perturbation and photon noise, and of the
         field of view.
@@ -263,8 +272,13 @@ def run_coupled_experiment(
 
     from iris_lab.atomic import LineList
     from iris_lab.inversion.coupled import AtomicInversion, AtomicParameters
-    from iris_lab.inversion.lm import FLAG_DIVERGED, FLAG_NAN
-    from iris_lab.inversion.lte import LTEForward, azimuth_from_stokes, quiet_sun_start
+    from iris_lab.inversion.lm import FLAG_DIVERGED, FLAG_NAN, screen_starts
+    from iris_lab.inversion.lte import (
+        LTEForward,
+        azimuth_from_stokes,
+        photospheric_starts,
+        quiet_sun_start,
+    )
     from iris_lab.nodes import NodeModel
     from iris_lab.synthesis.lte import LTESynthesizer
     from iris_lab.worlds.photosphere import sample_photosphere_fov, synthesize_fov
@@ -316,7 +330,8 @@ def run_coupled_experiment(
     i_c = float(np.asarray(synth.continuum_intensity().detach().cpu()).ravel()[0])
     fwd = LTEForward(model, synth, continuum=i_c)
     start = quiet_sun_start(model, b_field=300.0, inclination=1.0, v_turb=0.8e5, azimuth=None)
-    x0 = np.broadcast_to(start, (n_pix, start.size)).copy()
+    candidates = photospheric_starts(model) if screen else start[None]
+    x0 = np.broadcast_to(candidates, (n_pix, *candidates.shape)).copy()   # (p, c, n)
     azimuth_nodes = [i for i, name in enumerate(model.parameter_names)
                      if name.startswith("azimuth")]
     if azimuth_nodes:  # each pixel starts at the azimuth of its own linear polarisation
@@ -325,8 +340,8 @@ def run_coupled_experiment(
         with torch.no_grad():
             start_q = fwd(torch.as_tensor(at_zero[None], dtype=torch.float64))
         stokes = data.reshape(n_pix, 4, -1)
-        x0[:, azimuth_nodes] = azimuth_from_stokes(
-            stokes[:, 1], stokes[:, 2], start_q.reshape(4, -1)[1].cpu().numpy())[:, None]
+        x0[..., azimuth_nodes] = azimuth_from_stokes(
+            stokes[:, 1], stokes[:, 2], start_q.reshape(4, -1)[1].cpu().numpy())[:, None, None]
     lo, hi = model.bounds
     sigma = 1e-4 if snr is None else np.maximum(obs["sigma"].values.reshape(n_pix, -1), 1e-6)
 
@@ -349,11 +364,17 @@ def run_coupled_experiment(
     lm_opts = {"jacobian": jacobian, "uncertainties": uncertainties, "lam0": lam0,
                "progress": progress}
     for im, mode in enumerate(modes):
+        g_start = np.zeros_like(g0) if mode == "1" else g0
+        gf_s, dl_s = (t[None] for t in atomic.split(torch.as_tensor(g_start)))
+        x_start, _ = screen_starts(
+            lambda z, gf_s=gf_s, dl_s=dl_s: fwd.atomic(z, gf_s.expand(z.shape[0], -1),
+                                                       dl_s.expand(z.shape[0], -1)),
+            torch.as_tensor(x0), torch.as_tensor(data), sigma)
         inv = AtomicInversion(int(mode) if mode != "averaged" else "averaged", atomic,
                               max_iter=max_iter, lm_options=lm_opts,
                               coupled_options=coupled_opts, device=device)
         t0 = time.perf_counter()
-        inv.fit(fwd.atomic, data, x0, global0=np.zeros_like(g0) if mode == "1" else g0,
+        inv.fit(fwd.atomic, data, x_start.numpy(), global0=g_start,
                 sigma=sigma, local_lower=lo, local_upper=hi, global_lower=glo,
                 global_upper=ghi, local_names=model.parameter_names)
         wall[im] = time.perf_counter() - t0
@@ -437,7 +458,7 @@ def run_coupled_experiment(
             "snr": -1.0 if snr is None else float(snr),
             "sigma_log_gf": sigma_log_gf, "sigma_dlambda": sigma_dlambda,
             "max_iter": max_iter, "jacobian": jacobian, "seed": seed, "fov_seed": fov_seed,
-            "n_reseeds": n_reseeds, "local_warmup": local_warmup,
+            "n_reseeds": n_reseeds, "local_warmup": local_warmup, "screen": int(screen),
             **{f"nodes_{name}": np.asarray(v, dtype=float) for name, v in model.nodes.items()},
             "paper_mean_abs_log_gf_mode2": PAPER_MEAN_ABS_LOG_GF["2"],
             "paper_mean_abs_log_gf_mode3": PAPER_MEAN_ABS_LOG_GF["3"],

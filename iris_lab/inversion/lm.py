@@ -256,6 +256,61 @@ def blocked_at_bounds(x: torch.Tensor, descent: torch.Tensor, lower: torch.Tenso
     return ((x <= lower) & (descent < 0)) | ((x >= upper) & (descent > 0))
 
 
+def screen_starts(forward: Callable[[torch.Tensor], torch.Tensor], candidates: Any,
+                  observed: Any, sigma: Any = 1.0, weights: Any = 1.0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pixel's best starting point among a few candidates, by one forward call.
+
+    All ``c`` candidates of all ``p`` pixels go through ``forward`` in one
+    batch of ``c · p`` rows; every pixel takes the candidate with the lowest
+    weighted χ² against its own data (non-finite models lose).
+
+    Parameters
+    ----------
+    forward
+        Batched model ``(rows, n) -> (rows, m)``.
+    candidates
+        ``(c, n)`` shared by all pixels, or ``(p, c, n)`` per pixel.
+    observed
+        Data ``(p, m)``; non-finite samples are masked.
+    sigma, weights
+        Noise and weights broadcastable to ``(p, m)``.
+
+    Returns
+    -------
+    start, choice
+        ``(p, n)`` starting points and the index ``(p,)`` of the chosen candidate.
+
+    Example
+    -------
+    >>> import torch
+    >>> line = lambda z: torch.exp(-(torch.linspace(-1, 1, 9) - z[:, :1]) ** 2 / 0.1)
+    >>> obs = line(torch.tensor([[0.6], [-0.5]]))
+    >>> start, choice = screen_starts(line, torch.tensor([[-0.4], [0.0], [0.5]]), obs)
+    >>> choice.tolist()
+    [2, 0]
+    """
+    obs = torch.as_tensor(observed)
+    cand = torch.as_tensor(candidates, dtype=obs.dtype, device=obs.device)
+    if obs.ndim != 2:
+        raise ValueError(f"observed must have shape (pixels, m), got {tuple(obs.shape)}")
+    p = obs.shape[0]
+    if cand.ndim == 2:
+        cand = cand[None].expand(p, *cand.shape)
+    if cand.ndim != 3 or cand.shape[0] != p:
+        raise ValueError(f"candidates must have shape (c, n) or ({p}, c, n), "
+                         f"got {tuple(torch.as_tensor(candidates).shape)}")
+    c, n = cand.shape[1], cand.shape[2]
+    obs, sqrt_w = _weighted_data(obs, sigma, weights, obs.dtype, obs.device)
+    with torch.no_grad():
+        model = forward(cand.reshape(p * c, n)).reshape(p, c, -1)
+    res = torch.where(sqrt_w[:, None] > 0, (model - obs[:, None]) * sqrt_w[:, None], 0.0)
+    chi2 = torch.sum(res ** 2, -1)
+    chi2 = torch.where(torch.isfinite(chi2), chi2, torch.full_like(chi2, torch.inf))
+    choice = torch.argmin(chi2, -1)
+    return cand[torch.arange(p, device=cand.device), choice].clone(), choice
+
+
 def solve_damped(jac: torch.Tensor, res: torch.Tensor, lam: torch.Tensor,
                  held: torch.Tensor | None = None, scale_floor: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:

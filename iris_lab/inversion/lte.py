@@ -159,6 +159,45 @@ def quiet_sun_start(model, *, b_field: float = 200.0, inclination: float = 1.2,
     return start
 
 
+def photospheric_starts(model) -> np.ndarray:
+    """Three starting atmospheres for photospheric maps: quiet Sun, penumbra, umbra.
+
+    FAL-C at the nodes with a weak inclined field (:func:`quiet_sun_start`);
+    the same 10 % cooler with a 1500 G, nearly horizontal field; and 30 %
+    cooler with a 2700 G, nearly vertical field. Screening them per pixel
+    (:func:`iris_lab.inversion.lm.screen_starts`) starts sunspot pixels near
+    their own basin instead of the quiet Sun's.
+
+    Parameters
+    ----------
+    model
+        The :class:`iris_lab.nodes.NodeModel` whose parameters are set.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(3, model.n_parameters)``.
+
+    Example
+    -------
+    >>> from iris_lab.nodes import NodeModel
+    >>> model = NodeModel({"temperature": [-1.0, 0.0], "b_field": [0.0]},
+    ...                   log_tau=np.linspace(-3, 1, 41))
+    >>> photospheric_starts(model)[:, -1].tolist()
+    [300.0, 1500.0, 2700.0]
+    """
+    out = []
+    for t_scale, b_field, inclination in ((1.0, 300.0, 1.0), (0.9, 1500.0, 1.4),
+                                          (0.7, 2700.0, 0.25)):
+        start = quiet_sun_start(model, b_field=b_field, inclination=inclination,
+                                v_turb=0.8e5, azimuth=None)
+        for i, name in enumerate(model.parameter_names):
+            if name.startswith("temperature"):
+                start[i] *= t_scale
+        out.append(start)
+    return np.stack(out)
+
+
 def azimuth_from_stokes(stokes_q: Any, stokes_u: Any, reference_q: Any) -> np.ndarray:
     """Field azimuth of every pixel from its linear polarisation.
 
