@@ -750,9 +750,10 @@ class CoupledLevenbergMarquardt:
         data = torch.where(w > 0, obs[has_data], torch.nan)
         sigma = torch.where(w > 0, 1.0 / torch.where(w > 0, w, 1.0), 1.0)
 
-        def single(z: torch.Tensor) -> torch.Tensor:
+        def single(z: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
             # one global vector for every row (also the stacked rows of the
-            # finite-difference Jacobian)
+            # finite-difference Jacobian); the rows are independent, so taking
+            # ``index`` lets the solver evaluate only its active rows
             return self._evaluate(forward, z, g)
 
         if self.jacobian == "jvp":
