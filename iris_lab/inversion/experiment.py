@@ -366,13 +366,17 @@ def run_coupled_experiment(
                     "local_warmup": local_warmup}
     lm_opts = {"jacobian": jacobian, "uncertainties": uncertainties, "lam0": lam0,
                "progress": progress}
+    screened: dict[bool, torch.Tensor] = {}   # mode 1 (exact data) and the others (g0)
     for im, mode in enumerate(modes):
-        g_start = np.zeros_like(g0) if mode == "1" else g0
-        gf_s, dl_s = (t[None] for t in atomic.split(torch.as_tensor(g_start)))
-        x_start, _ = screen_starts(
-            lambda z, gf_s=gf_s, dl_s=dl_s: fwd.atomic(z, gf_s.expand(z.shape[0], -1),
-                                                       dl_s.expand(z.shape[0], -1)),
-            torch.as_tensor(x0), torch.as_tensor(data), sigma)
+        exact = mode == "1"
+        g_start = np.zeros_like(g0) if exact else g0
+        if exact not in screened:
+            gf_s, dl_s = (t[None] for t in atomic.split(torch.as_tensor(g_start)))
+            screened[exact], _ = screen_starts(
+                lambda z, gf_s=gf_s, dl_s=dl_s: fwd.atomic(z, gf_s.expand(z.shape[0], -1),
+                                                           dl_s.expand(z.shape[0], -1)),
+                torch.as_tensor(x0), torch.as_tensor(data), sigma)
+        x_start = screened[exact]
         inv = AtomicInversion(int(mode) if mode != "averaged" else "averaged", atomic,
                               max_iter=max_iter, lm_options=lm_opts,
                               coupled_options=coupled_opts, device=device)
