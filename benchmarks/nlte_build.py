@@ -112,9 +112,7 @@ def _scaling_tasks(n_chunks: int, per_chunk: int):
 
 
 def scaling(n_chunks: int = 4, per_chunk: int = 2) -> list[str]:
-    from dask.distributed import LocalCluster
-
-    from iris_lab.builder import CheckpointStore, flare_chunk_isolated, run_chunks
+    from iris_lab.builder import CheckpointStore, flare_chunk_isolated, local_cluster, run_chunks
 
     tasks = _scaling_tasks(n_chunks, per_chunk)
     n_atm = n_chunks * per_chunk
@@ -129,8 +127,7 @@ def scaling(n_chunks: int = 4, per_chunk: int = 2) -> list[str]:
                                                                         "w": workers})
             cluster = None
             if scheduler:
-                cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
-                                       dashboard_address=None, env={"OMP_NUM_THREADS": "1"})
+                cluster = local_cluster(workers)
             t0 = time.perf_counter()
             report = run_chunks(tasks, flare_chunk_isolated, store, workers=workers,
                                 progress=False,

@@ -192,6 +192,52 @@ class BuildReport:
     stopped_early: bool
 
 
+#: dask settings of the clusters the builder starts. Every chunk runs for
+#: minutes, so the schedulers' and workers' fast housekeeping (20 ms event-loop
+#: ticks, 10 ms statistical profiling, 100 ms work stealing, 0.5 s system
+#: monitor) only takes CPU from the solves: 12 % of one core for an idle
+#: 2-worker cluster with dask's defaults, 1.7 % with these (benchmarks/README.md).
+QUIET_CLUSTER_CONFIG: dict[str, Any] = {
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.profile.enabled": False,
+    "distributed.scheduler.work-stealing": False,
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.admin.system-monitor.disk": False,
+    "distributed.admin.system-monitor.host-cpu": False,
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+
+
+def local_cluster(n_workers: int, *, processes: bool = True, allowed_failures: int = 1) -> Any:
+    """A ``LocalCluster`` for chunk builds: ``n_workers`` workers of one thread,
+    ``OMP_NUM_THREADS=1``, no dashboard, and :data:`QUIET_CLUSTER_CONFIG`.
+
+    Parameters
+    ----------
+    n_workers
+        Worker count (one per core for NLTE solves).
+    processes
+        Worker processes (default) or threads.
+    allowed_failures
+        Times a chunk may take its worker down before dask gives up on it.
+
+    Example
+    -------
+    >>> cluster = local_cluster(1, processes=False)
+    >>> len(cluster.workers), cluster.scheduler.extensions.get("stealing") is None
+    (1, True)
+    >>> cluster.close()
+    """
+    import dask
+    from dask.distributed import LocalCluster
+
+    config = {**QUIET_CLUSTER_CONFIG, "distributed.scheduler.allowed-failures": allowed_failures}
+    extra = {"env": {"OMP_NUM_THREADS": "1"}} if processes else {}
+    with dask.config.set(config):
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=processes,
+                            dashboard_address=None, **extra)
+
+
 def run_chunks(tasks: Sequence[tuple[int, Any]], chunk_fn: Callable[[Any], Any],
                store: CheckpointStore, *, scheduler: str | None = None,
                workers: int | None = None, processes: bool = True,
@@ -223,8 +269,7 @@ def run_chunks(tasks: Sequence[tuple[int, Any]], chunk_fn: Callable[[Any], Any],
     BuildReport
         Chunks done, failed (with the error), skipped (already in the store).
     """
-    import dask
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import Client, as_completed
     from tqdm.auto import tqdm
 
     start = time.monotonic()
@@ -253,11 +298,8 @@ def run_chunks(tasks: Sequence[tuple[int, Any]], chunk_fn: Callable[[Any], Any],
     elif scheduler:
         client = Client(scheduler)
     else:
-        n_workers = workers or os.cpu_count() or 1
-        with dask.config.set({"distributed.scheduler.allowed-failures": allowed_failures}):
-            extra = {"env": {"OMP_NUM_THREADS": "1"}} if processes else {}
-            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1,
-                                   processes=processes, dashboard_address=None, **extra)
+        cluster = local_cluster(workers or os.cpu_count() or 1, processes=processes,
+                                allowed_failures=allowed_failures)
         client = Client(cluster)
     try:
         n_slots = sum(client.nthreads().values()) or 1
@@ -1190,16 +1232,14 @@ def build_interleaved(jobs: Sequence[tuple[str, dict[str, Any], str | Path, int]
         job is complete or ``deadline`` (a ``time.time()`` value) has passed.
         A partial build thus holds data of every job.
     """
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     prepared = []
     for label, spec, store_path, per_turn in jobs:
         fn = flare_chunk_isolated if spec["kind"] == "flare" else mgii_chunk_isolated
         prepared.append((label, make_tasks(spec), fn, CheckpointStore(store_path, spec),
                          per_turn))
-    cluster = None if scheduler else LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-        env={"OMP_NUM_THREADS": "1"})
+    cluster = None if scheduler else local_cluster(workers)
     client = Client(scheduler or cluster)
     try:
         while deadline is None or time.time() < deadline:

@@ -341,3 +341,31 @@ def test_merge_rf_topup_refuses_another_grid():
 
     with pytest.raises(ValueError, match="wl_fine"):
         merge_rf_topup(ds(np.arange(3.0)), ds(np.arange(4.0)))
+
+
+def test_local_cluster_workers_run_quiet():
+    """The build's workers run with dask's fast housekeeping off (profiling,
+    work stealing, 20 ms ticks), in their own processes with one thread."""
+    from dask.distributed import Client
+
+    from iris_lab.builder import local_cluster
+
+    cluster = local_cluster(1, allowed_failures=3)
+    try:
+        with Client(cluster) as client:
+            def settings():
+                import os
+
+                import dask
+                return (dask.config.get("distributed.worker.profile.enabled"),
+                        dask.config.get("distributed.admin.tick.interval"),
+                        os.environ.get("OMP_NUM_THREADS"), os.getpid())
+
+            (profile, tick, omp, pid), = client.run(settings).values()
+            assert (profile, tick, omp) == (False, "1s", "1")
+            assert pid != os.getpid()
+            assert list(client.nthreads().values()) == [1]
+        assert "stealing" not in cluster.scheduler.extensions
+        assert cluster.scheduler.allowed_failures == 3
+    finally:
+        cluster.close()
