@@ -11,7 +11,12 @@ chunked as in a build, with 1 and 2 local workers (atmospheres per hour,
 scaling efficiency = rate(2) / (2 rate(1))), and the same run against a
 scheduler address (a separately started scheduler with 2 workers).
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/nlte_build.py [setups|scaling|all]``.
+Part ``overhead``: CPU taken by an idle 2-worker cluster (scheduler, client
+and workers; chunks run for minutes, so this is what dask takes from the
+solves) with dask's default settings and with the builder's
+``QUIET_CLUSTER_CONFIG``, measured one after the other in the same run.
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/nlte_build.py [setups|scaling|overhead|all]``.
 Timings depend on what else runs on the machine; the table prints the load.
 """
 
@@ -153,7 +158,41 @@ def main(argv: list[str]) -> None:
         print("\n".join(setups()))
     if which in ("scaling", "all"):
         print("\n".join(scaling()))
+    if which in ("overhead", "all"):
+        print("\n".join(overhead()))
     print(f"load average {os.getloadavg()[0]:.1f} at end")
+
+
+def _idle_cpu_percent(config: dict, workers: int, seconds: float) -> float:
+    """CPU of an idle LocalCluster (this process and its children) in % of one core."""
+    import dask
+    import psutil
+    from dask.distributed import Client, LocalCluster
+
+    with dask.config.set(config):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
+                               dashboard_address=None, env={"OMP_NUM_THREADS": "1"})
+    with Client(cluster):
+        time.sleep(5.0)  # start-up done
+        me = psutil.Process()
+        procs = [me, *me.children(recursive=True)]
+        before = [sum(p.cpu_times()[:2]) for p in procs]
+        time.sleep(seconds)
+        after = [sum(p.cpu_times()[:2]) for p in procs]
+    cluster.close()
+    return 100.0 * (sum(after) - sum(before)) / seconds
+
+
+def overhead(workers: int = 2, seconds: float = 40.0) -> list[str]:
+    from iris_lab.builder import QUIET_CLUSTER_CONFIG
+
+    default = _idle_cpu_percent({}, workers, seconds)
+    quiet = _idle_cpu_percent(QUIET_CLUSTER_CONFIG, workers, seconds)
+    return [f"Idle {workers}-worker LocalCluster over {seconds:.0f} s, CPU in % of one core:",
+            "| settings | idle CPU [% of a core] | ratio to dask's defaults |",
+            "|---|---|---|",
+            f"| dask defaults | {default:.1f} | 1.00 |",
+            f"| builder (QUIET_CLUSTER_CONFIG) | {quiet:.1f} | {quiet / default:.2f} |"]
 
 
 if __name__ == "__main__":
