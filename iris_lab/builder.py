@@ -155,14 +155,22 @@ class CheckpointStore:
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         return [r for r in lines if r.get("status") == "failed"]
 
-    def load(self, dim: str) -> Any:
-        """All chunks concatenated along ``dim``, sorted by it (no duplicates)."""
+    def load(self, dim: str, defaults: dict[str, Any] | None = None) -> Any:
+        """All chunks concatenated along ``dim``, sorted by it (no duplicates).
+
+        ``defaults``: value of a ``dim``-variable that chunks written before it
+        existed lack (e.g. ``{"rf_paired": False}``).
+        """
         import xarray as xr
 
         parts = []
         for path in sorted(self.path.glob("chunk_*.nc")):
             with xr.open_dataset(path, engine="h5netcdf") as ds:
-                parts.append(ds.load())
+                part = ds.load()
+            for name, value in (defaults or {}).items():
+                if name not in part:
+                    part[name] = (dim, np.full(part.sizes[dim], value))
+            parts.append(part)
         if not parts:
             raise ValueError(f"no finished chunks in {self.path}")
         combined = xr.concat(parts, dim=dim, data_vars="minimal", coords="minimal",
@@ -395,12 +403,27 @@ def rf_parameters() -> list[tuple[str, int, float, float]]:
 
 
 def response_spectra(synth: Any, atmosphere: Any, solution: Any,
-                     log_tau500: np.ndarray) -> np.ndarray:
-    """Spectra of the node-perturbed atmospheres, shape (n_parameters, n_wavelength).
+                     log_tau500: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Spectra of the node-perturbed atmospheres and of their paired reference.
 
     Each node of :func:`rf_parameters` is perturbed with a hat function in
     log τ500 and the NLTE problem is solved again, warm-started from
-    ``solution`` (the entry's converged populations). Failed solves are NaN.
+    ``solution`` (the entry's converged populations). The unperturbed
+    atmosphere is solved again the same way: that *reference* and the
+    perturbed solutions start from the same state and stop at the same
+    tolerance, so their convergence errors largely cancel in the difference.
+    Against ``solution`` itself they do not: a response of a few 0.1 % of the
+    profile is below the ~0.4 % convergence error of one solve (measured on a
+    coronal-hole entry against solves 5× tighter: differences with
+    ``solution`` were off by 47–560 % of the response, paired differences by
+    0.4–57 %, the worst at the weakest node; ``benchmarks/README.md``).
+
+    Returns
+    -------
+    perturbed, reference
+        ``(n_parameters, n_wavelength)`` (failed solves NaN) and
+        ``(n_wavelength,)``, or ``None`` when the reference solve fails (the
+        responses are then unusable).
     """
     params = rf_parameters()
     nodes_of = {}
@@ -408,6 +431,9 @@ def response_spectra(synth: Any, atmosphere: Any, solution: Any,
         nodes_of.setdefault(name, []).append(x)
     size = solution.spectra["mgii"].size
     out = np.full((len(params), size), np.nan)
+    again = synth.solve(atmosphere, warm_start=solution)
+    if not again.converged:
+        return out, None
     for j, (name, k, _, step) in enumerate(params):
         hat = _node_hat(log_tau500, np.asarray(nodes_of[name]), k)
         if name == "temperature":
@@ -421,7 +447,7 @@ def response_spectra(synth: Any, atmosphere: Any, solution: Any,
         sol = synth.solve(changed, warm_start=solution)
         if sol.converged:
             out[j] = sol.spectra["mgii"].values
-    return out
+    return out, again.spectra["mgii"].values
 
 
 def sigma_from_responses(profile: np.ndarray, perturbed: np.ndarray,
@@ -497,6 +523,7 @@ def mgii_chunk(payload: dict[str, Any]) -> Any:
     log_tau500 = np.full((n, n_depth), np.nan)
     converged = np.zeros(n, bool)
     has_rf = np.zeros(n, bool)
+    paired = np.zeros(n, bool)
     iterations = np.full(n, -1)
     seconds = np.zeros(n)
     rf_seconds = np.zeros(n)
@@ -524,9 +551,13 @@ def mgii_chunk(payload: dict[str, Any]) -> Any:
                     model[k][i] = fitted[k]
             if payload["rf"][i]:
                 t0 = time.perf_counter()
-                rf_spectra[i] = response_spectra(synth, atm, sol, sol.log_tau500)
+                perturbed, reference = response_spectra(synth, atm, sol, sol.log_tau500)
                 rf_seconds[i] = time.perf_counter() - t0
-                has_rf[i] = bool(np.all(np.isfinite(rf_spectra[i])))
+                if reference is not None:
+                    # stored against the entry's own spectrum: rf_spectrum − spectrum
+                    # is the paired difference perturbed − reference
+                    rf_spectra[i] = perturbed + (spectra[i] - reference)[None, :]
+                    has_rf[i] = paired[i] = bool(np.all(np.isfinite(rf_spectra[i])))
         except Exception as err:  # noqa: BLE001 - flag the entry, keep the chunk
             converged[i] = False
             message[i] = f"{type(err).__name__}: {err}"
@@ -547,6 +578,8 @@ def mgii_chunk(payload: dict[str, Any]) -> Any:
         "log_tau500": (("entry", "depth"), log_tau500.astype(f32)),
         "converged": ("entry", converged),
         "rf_done": ("entry", has_rf),
+        "rf_paired": ("entry", paired, {"description": "rf_spectrum - spectrum is the "
+                                        "difference to a paired reference solve"}),
         "family": ("entry", np.asarray(payload["family"]).astype(str)),
         "iterations": ("entry", iterations.astype(np.int32)),
         "solve_seconds": ("entry", seconds.astype(f32), {"units": "s"}),

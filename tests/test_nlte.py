@@ -235,3 +235,66 @@ def test_hydrostatic_conversion_from_log_tau_only(falc):
     np.testing.assert_allclose(sol.n_e[deep], falc.n_e[deep], rtol=0.15)
     core = float(sol.spectra["halpha"].values.min()) / sol.spectra["continuum"].values[0]
     assert abs(core - 0.16) < 0.05
+
+
+def test_response_spectra_pair_the_reference_with_the_perturbed_solves():
+    """A solve that stops short of its fixed point by an error set by where it
+    started (as an iterative NLTE solve does): the response against the
+    entry's own spectrum carries that error, the paired difference does not."""
+    from types import SimpleNamespace
+
+    import xarray as xr
+
+    from iris_lab.builder import response_spectra, rf_parameters
+    from iris_lab.worlds.chromosphere import sample_mgii_atmospheres
+
+    atm = sample_mgii_atmospheres(1, seed=3)[0][0]
+    wl = np.linspace(-1.0, 1.0, 41)
+
+    def exact(a):
+        return (np.interp(wl, np.linspace(-1, 1, a.n_depth), a.temperature) * 1e-3
+                + 1e-6 * np.interp(wl, np.linspace(-1, 1, a.n_depth), a.v_turb)
+                + 1e-6 * np.interp(wl, np.linspace(-1, 1, a.n_depth), a.v_los)
+                + np.interp(wl, np.linspace(-1, 1, a.n_depth), np.log10(a.n_e)))
+
+    class StopsShort:
+        def __init__(self, fail_reference=False):
+            self.fail_reference = fail_reference
+
+        def solve(self, a, warm_start=None):
+            start_error = 0.05 if warm_start is None else warm_start.error
+            if self.fail_reference and warm_start is not None and a is atm:
+                return SimpleNamespace(converged=False, spectra={}, error=0.0)
+            spectrum = exact(a) + start_error * np.cos(3 * wl)
+            return SimpleNamespace(converged=True, error=0.5 * start_error,
+                                   spectra={"mgii": xr.DataArray(spectrum)})
+
+    synth = StopsShort()
+    entry = synth.solve(atm)
+    log_tau = np.linspace(-7.5, 1.0, atm.n_depth)
+    perturbed, reference = response_spectra(synth, atm, entry, log_tau)
+    assert perturbed.shape == (len(rf_parameters()), wl.size)
+    truth = np.array([exact(c) for c in _perturbed_atmospheres(atm, log_tau)]) - exact(atm)
+    np.testing.assert_allclose(perturbed - reference, truth, atol=1e-12)
+    own = perturbed - entry.spectra["mgii"].values
+    assert np.max(np.abs(own - truth)) > 0.02  # the unpaired difference is off
+    _, none = response_spectra(StopsShort(fail_reference=True), atm, entry, log_tau)
+    assert none is None
+
+
+def _perturbed_atmospheres(atm, log_tau):
+    from iris_lab.builder import _node_hat, rf_parameters
+
+    params = rf_parameters()
+    out = []
+    for name, k, _, step in params:
+        hat = _node_hat(log_tau, np.array([p[2] for p in params if p[0] == name]), k)
+        if name == "temperature":
+            out.append(atm.replace(temperature=atm.temperature * (1 + step * hat)))
+        elif name == "log_n_e":
+            out.append(atm.replace(n_e=atm.n_e * 10.0 ** (step * hat)))
+        elif name == "v_turb":
+            out.append(atm.replace(v_turb=atm.v_turb + step * hat))
+        else:
+            out.append(atm.replace(v_los=atm.v_los + step * hat))
+    return out
