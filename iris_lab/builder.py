@@ -596,6 +596,62 @@ def mgii_chunk(payload: dict[str, Any]) -> Any:
     return xr.Dataset(data_vars, coords=coords)
 
 
+def mgii_reference_chunk(payload: dict[str, Any]) -> Any:
+    """Paired references for a chunk whose response spectra were stored unpaired.
+
+    Chunks written before the responses were paired (:func:`response_spectra`)
+    hold perturbed spectra warm-started from each entry's solution, but no
+    reference solved the same way. The chunk's warm-start chain is solved
+    again, exactly as :func:`mgii_chunk` did, up to the last such entry; each
+    entry's solution is checked against its stored spectrum
+    (``chain_mismatch``, the largest difference relative to the profile's
+    maximum: a reproduced chain is exact to the float32 storage) and the
+    reference is solved from it.
+
+    ``payload``: a :func:`make_tasks` payload plus ``need`` (bool per entry)
+    and ``stored`` (the stored spectra, (n, n_wavelength)).
+    """
+    import xarray as xr
+
+    from iris_lab.atmosphere import Atmosphere
+    from iris_lab.synthesis.nlte import NLTESynthesizer
+
+    synth = NLTESynthesizer(**payload["synth"])
+    atms = Atmosphere(**payload["fields"], scale=payload.get("scale", "height"))
+    need = np.asarray(payload["need"], bool)
+    stored = np.asarray(payload["stored"], dtype=np.float64)
+    picked = np.flatnonzero(need)
+    reference = np.full((picked.size, stored.shape[-1]), np.nan)
+    mismatch = np.full(picked.size, np.inf)
+    seconds = np.zeros(picked.size)
+    previous = None
+    t0 = time.perf_counter()
+    for i in range(int(picked.max()) + 1 if picked.size else 0):
+        try:
+            sol = synth.solve(atms[i], warm_start=previous)
+        except Exception:  # noqa: BLE001 - as in mgii_chunk: the chain goes on
+            continue
+        if not sol.converged:
+            continue
+        previous = sol
+        if need[i]:
+            j = int(np.searchsorted(picked, i))
+            spectrum = sol.spectra["mgii"].values
+            mismatch[j] = float(np.max(np.abs(spectrum - stored[i]))
+                                / np.max(np.abs(stored[i])))
+            again = synth.solve(atms[i], warm_start=sol)
+            if again.converged:
+                reference[j] = again.spectra["mgii"].values
+            seconds[j] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+    return xr.Dataset(
+        {"reference_spectrum": (("entry", "wl_fine"), reference.astype(np.float32)),
+         "chain_mismatch": ("entry", mismatch.astype(np.float32)),
+         "solve_seconds": ("entry", seconds.astype(np.float32), {"units": "s"}),
+         "converged": ("entry", np.isfinite(reference).all(-1))},
+        coords={"entry": np.asarray(payload["entries"])[picked]})
+
+
 # ---------------------------------------------------------------------------
 # flare set
 # ---------------------------------------------------------------------------
@@ -671,7 +727,8 @@ def flare_chunk(payload: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------
 # process isolation
 # ---------------------------------------------------------------------------
-_CHUNK_FUNCTIONS = {"mgii": "mgii_chunk", "flare": "flare_chunk"}
+_CHUNK_FUNCTIONS = {"mgii": "mgii_chunk", "flare": "flare_chunk",
+                    "mgii_reference": "mgii_reference_chunk"}
 
 
 def run_isolated(name: str, payload: dict[str, Any]) -> Any:
@@ -736,6 +793,11 @@ def exit_with_parent(parent_pid: int, interval: float = 1.0) -> threading.Thread
 def mgii_chunk_isolated(payload: dict[str, Any]) -> Any:
     """:func:`mgii_chunk` in a fresh process (:func:`run_isolated`)."""
     return run_isolated("mgii", payload)
+
+
+def mgii_reference_chunk_isolated(payload: dict[str, Any]) -> Any:
+    """:func:`mgii_reference_chunk` in a fresh process (:func:`run_isolated`)."""
+    return run_isolated("mgii_reference", payload)
 
 
 def flare_chunk_isolated(payload: dict[str, Any]) -> Any:
@@ -903,26 +965,118 @@ def rf_topup_tasks(spec: dict[str, Any], entries: np.ndarray) -> list[tuple[int,
                       "scale": atm.scale}) for e in entries]
 
 
-def _entry_flags(store: CheckpointStore, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(present, converged, responses done) over the ``n`` entries of a store."""
+#: Largest relative difference between a re-solved chain entry and its stored
+#: spectrum for which the entry's responses are paired with the new reference
+#: (the chain is deterministic: reproduced entries agree to the float32 storage).
+CHAIN_MATCH_TOLERANCE = 1e-5
+
+
+def rf_reference_spec(base: dict[str, Any]) -> dict[str, Any]:
+    """Specification of the store of paired references (:func:`mgii_reference_chunk`)
+    for a Mg II database whose older chunks hold unpaired responses.
+
+    Example
+    -------
+    >>> rf_reference_spec(make_spec("mgii", 1000))["kind"]
+    'mgii_rf_reference'
+    """
+    if base.get("kind") != "mgii":
+        raise ValueError("paired references need a 'mgii' database specification")
+    return {"kind": "mgii_rf_reference", "base": json.loads(json.dumps(base))}
+
+
+def rf_reference_store_path(store: str | Path) -> Path:
+    """Where the paired references of a store go: ``<name>_ref.parts``."""
+    store = Path(store)
+    return store.with_name(store.stem + "_ref" + store.suffix)
+
+
+def rf_reference_tasks(main: CheckpointStore) -> list[tuple[int, dict[str, Any]]]:
+    """Chunks of ``main`` with converged entries whose responses are unpaired
+    (written before :func:`response_spectra` paired them), as
+    :func:`mgii_reference_chunk` payloads keyed by the main chunk id."""
+    import xarray as xr
+
+    tasks = dict(make_tasks(main.spec))
+    out = []
+    for path in iter_chunk_files(main.path):
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            if "rf_paired" in ds:
+                continue
+            need = ds["rf_done"].values.astype(bool) & ds["converged"].values.astype(bool)
+            if not need.any():
+                continue
+            cid = int(path.stem.split("_")[-1])
+            payload = dict(tasks[cid])
+            if not np.array_equal(payload["entries"], ds["entry"].values):
+                raise ValueError(f"chunk {cid} of {main.path} holds other entries than its task")
+            payload.update(need=need, stored=ds["spectrum"].values)
+            out.append((cid, payload))
+    return out
+
+
+def merge_rf_references(ds: Any, references: Any) -> tuple[Any, dict[str, str]]:
+    """Pair the unpaired responses of a loaded Mg II store with their references.
+
+    For every entry whose chain was reproduced (``chain_mismatch`` below
+    :data:`CHAIN_MATCH_TOLERANCE`) and whose reference converged,
+    ``rf_spectrum`` is shifted by ``spectrum − reference``, so that
+    ``rf_spectrum − spectrum`` is the paired difference, and ``rf_paired`` is
+    set.
+    """
+    good = (references["converged"].values.astype(bool)
+            & (references["chain_mismatch"].values < CHAIN_MATCH_TOLERANCE))
+    where = {int(e): i for i, e in enumerate(ds["entry"].values)}
+    rf = ds["rf_spectrum"].values.copy()
+    paired = ds["rf_paired"].values.astype(bool).copy()
+    merged = 0
+    for j, entry in enumerate(references["entry"].values):
+        i = where.get(int(entry))
+        if i is None or paired[i] or not good[j] or not ds["rf_done"].values[i]:
+            continue
+        shift = ds["spectrum"].values[i] - references["reference_spectrum"].values[j]
+        rf[i] = rf[i] + shift[None, :]
+        paired[i] = True
+        merged += 1
+    ds["rf_spectrum"] = (ds["rf_spectrum"].dims, rf, ds["rf_spectrum"].attrs)
+    ds["rf_paired"] = (ds["rf_paired"].dims, paired)
+    return ds, {"rf_references_merged": str(merged),
+                "rf_references_rejected": str(int((~good).sum())),
+                "rf_references_seconds": f"{float(references['solve_seconds'].sum()):.0f}"}
+
+
+def _entry_flags(store: CheckpointStore, n: int, references: CheckpointStore | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(present, converged, paired responses done) over the ``n`` entries of a
+    store; unpaired responses count when ``references`` pairs them."""
     import xarray as xr
 
     present, converged, done = (np.zeros(n, bool) for _ in range(3))
-    for path in sorted(store.path.glob("chunk_*.nc")):
+    paired = np.zeros(n, bool)
+    if references is not None:
+        for path in iter_chunk_files(references.path):
+            with xr.open_dataset(path, engine="h5netcdf") as ds:
+                ok = (ds["converged"].values.astype(bool)
+                      & (ds["chain_mismatch"].values < CHAIN_MATCH_TOLERANCE))
+                paired[ds["entry"].values.astype(int)[ok]] = True
+    for path in iter_chunk_files(store.path):
         with xr.open_dataset(path, engine="h5netcdf") as ds:
             e = ds["entry"].values.astype(int)
             present[e] = True
             converged[e] = ds["converged"].values.astype(bool)
-            done[e] = ds["rf_done"].values.astype(bool) & converged[e]
+            own = ds["rf_paired"].values.astype(bool) if "rf_paired" in ds else False
+            done[e] = ds["rf_done"].values.astype(bool) & converged[e] & (own | paired[e])
     return present, converged, done
 
 
-def rf_topup_plan(main: CheckpointStore, topup: CheckpointStore, n_exact: int) -> np.ndarray:
+def rf_topup_plan(main: CheckpointStore, topup: CheckpointStore, n_exact: int,
+                  references: CheckpointStore | None = None) -> np.ndarray:
     """Entries the top-up still has to solve for ``n_exact`` exact entries in all,
-    from what the two stores hold (entries that failed in the top-up are not
-    tried again; the next draws take their place)."""
+    from what the stores hold (entries that failed in the top-up are not
+    tried again; the next draws take their place). Responses count when
+    paired, in the main store itself or by ``references``."""
     n = main.spec["n"]
-    _, converged, done = _entry_flags(main, n)
+    _, converged, done = _entry_flags(main, n, references)
     tried, _, top_done = _entry_flags(topup, n)
     return rf_topup_entries(main.spec, n_exact, exact=done | (top_done & converged),
                             tried=tried, eligible=converged)
@@ -951,19 +1105,25 @@ def merge_rf_topup(ds: Any, topup: Any) -> tuple[Any, dict[str, str]]:
     where = {int(e): i for i, e in enumerate(ds["entry"].values)}
     rf = ds["rf_spectrum"].values.copy()
     done = ds["rf_done"].values.astype(bool).copy()
+    paired = (ds["rf_paired"].values.astype(bool).copy() if "rf_paired" in ds
+              else np.zeros(done.size, bool))
+    top_paired = (top["rf_paired"].values.astype(bool) if "rf_paired" in top
+                  else np.zeros(top.sizes["entry"], bool))
     seconds = ds["rf_seconds"].values.copy()
     merged = 0
     for j, entry in enumerate(top["entry"].values):
         i = where.get(int(entry))
-        if i is None or done[i]:
+        if i is None or (done[i] and (paired[i] or not top_paired[j])):
             continue
         shift = ds["spectrum"].values[i] - top["spectrum"].values[j]
         rf[i] = top["rf_spectrum"].values[j] + shift[None, :]
         done[i] = True
+        paired[i] = top_paired[j]
         seconds[i] = float(top["rf_seconds"].values[j] + top["solve_seconds"].values[j])
         merged += 1
     ds["rf_spectrum"] = (ds["rf_spectrum"].dims, rf, ds["rf_spectrum"].attrs)
     ds["rf_done"] = (ds["rf_done"].dims, done)
+    ds["rf_paired"] = (ds["rf_done"].dims, paired)
     ds["rf_seconds"] = (ds["rf_seconds"].dims, seconds, ds["rf_seconds"].attrs)
     total = float(topup["solve_seconds"].sum() + topup["rf_seconds"].sum())
     return ds, {"rf_topup_entries": str(merged),
@@ -1025,7 +1185,10 @@ def _export_mgii(ds: Any) -> tuple[Any, dict[str, str]]:
     sigma = {k: np.full((n, IRIS2_LOG_TAU.size), np.nan)
              for k in ("temperature", "v_los", "v_turb", "log_n_e")}
     rf_exact = np.zeros(n, bool)
-    for i in np.flatnonzero(ds["rf_done"].values):
+    paired = (ds["rf_paired"].values.astype(bool) if "rf_paired" in ds
+              else np.zeros(n, bool))
+    usable = ds["rf_done"].values.astype(bool) & paired
+    for i in np.flatnonzero(usable):
         perturbed = _apply_rows(degrade, ds["rf_spectrum"].values[i].astype(np.float64))
         sig = sigma_from_responses(profile[i], perturbed,
                                    ds["temperature"].values[i].astype(np.float64),
@@ -1035,7 +1198,7 @@ def _export_mgii(ds: Any) -> tuple[Any, dict[str, str]]:
         rf_exact[i] = all(np.all(np.isfinite(v)) for v in sig.values())
     units = {"temperature": "K", "v_los": "cm / s", "v_turb": "cm / s", "log_n_e": "dex"}
     out = ds.drop_vars(["spectrum", "rf_spectrum", "wl_fine", "rf_parameter", "rf_done",
-                        "log_tau500"], errors="ignore")
+                        "rf_paired", "log_tau500"], errors="ignore")
     out = out.assign_coords(wavelength=("wavelength", wl_iris,
                                         {"units": "Angstrom", "medium": "vacuum"}))
     out["profile"] = (("entry", "wavelength"), profile.astype(np.float32),
@@ -1046,8 +1209,11 @@ def _export_mgii(ds: Any) -> tuple[Any, dict[str, str]]:
                              {"units": units[k],
                               "long_name": f"uncertainty of {k} (eq. 2, Sainz Dalda et al. 2019)"})
     out["rf_exact"] = ("entry", rf_exact)
-    rf_time = ds["rf_seconds"].values[ds["rf_done"].values]
-    info = {"rf_seconds_mean": f"{float(np.mean(rf_time)):.1f}" if rf_time.size else "n/a"}
+    rf_time = ds["rf_seconds"].values[usable]
+    info = {"rf_seconds_mean": f"{float(np.mean(rf_time)):.1f}" if rf_time.size else "n/a",
+            "rf_unpaired_dropped": str(int((ds["rf_done"].values.astype(bool) & ~paired).sum())),
+            "rf_pairing": "responses are perturbed - reference, both solved from the entry's "
+                          "converged solution (builder.response_spectra)"}
     return out, info
 
 
@@ -1070,7 +1236,8 @@ def _export_flare(ds: Any) -> Any:
 
 
 def export(store: CheckpointStore, out: str | Path, *, command: str | None = None,
-           fill_sigma: bool = True, rf_topup: CheckpointStore | None = None) -> Path:
+           fill_sigma: bool = True, rf_topup: CheckpointStore | None = None,
+           rf_references: CheckpointStore | None = None) -> Path:
     """Write the finished chunks of a store as the shipped netCDF file.
 
     The instrument is applied here (IRIS NUV degradation for Mg II, CRISP
@@ -1080,11 +1247,13 @@ def export(store: CheckpointStore, out: str | Path, *, command: str | None = Non
     ``attrs``. Non-converged entries are dropped and counted in ``attrs``.
     ``rf_topup``: the store of a response-function top-up
     (:func:`rf_topup_spec`), merged by :func:`merge_rf_topup` when it has
-    finished chunks.
+    finished chunks; ``rf_references``: the paired references of older
+    chunks (:func:`rf_reference_spec`), merged by :func:`merge_rf_references`.
+    Only paired responses give exact σ.
     """
     spec = store.spec
     dim = "sample" if spec["kind"] == "flare" else "entry"
-    ds = store.load(dim)
+    ds = store.load(dim, defaults={"rf_paired": False} if spec["kind"] == "mgii" else None)
     n_total = ds.sizes[dim]
     keep = ds["converged"].values.astype(bool)
     ds = ds.isel({dim: np.flatnonzero(keep)})
@@ -1112,6 +1281,11 @@ def export(store: CheckpointStore, out: str | Path, *, command: str | None = Non
                       "line_centre_ca8542_air_aa": "8542.09",
                       "n_sequences": str(seqs.size)})
     else:
+        if rf_references is not None and any(iter_chunk_files(rf_references.path)):
+            if rf_references.spec.get("base") != store.spec:
+                raise ValueError("the paired references belong to another build")
+            ds, info = merge_rf_references(ds, rf_references.load("entry"))
+            attrs.update(info)
         if rf_topup is not None and any(rf_topup.path.glob("chunk_*.nc")):
             if rf_topup.spec.get("base") != store.spec:
                 raise ValueError("the response-function top-up belongs to another build")
@@ -1200,7 +1374,9 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
         Mg II database: once every entry is solved, top up the entries with
         exact response functions to this many (:func:`rf_topup_spec`; its own
         store, ``<store>_rf.parts``, resumable like the main one; up to three
-        rounds, each replacing the entries that failed in the last). Not used
+        rounds, each replacing the entries that failed in the last). Before
+        it, chunks whose responses are unpaired get their paired references
+        (:func:`rf_reference_tasks`, store ``<store>_ref.parts``). Not used
         by :func:`build_interleaved`.
 
     Example
@@ -1219,7 +1395,7 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
                         time_limit_s=time_limit_s, progress=progress)
     ckpt.log({"status": "run", "done": len(report.done), "failed": len(report.failed),
               "skipped": len(report.skipped), "seconds": round(report.seconds, 1)})
-    topup = None
+    topup = references = None
     if kind == "mgii" and rf_min:
         if not 0 < rf_min <= n:
             raise ValueError(f"rf_min must be in 1..{n}, not {rf_min}")
@@ -1227,11 +1403,22 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
         complete = len(ckpt.done()) >= len(tasks) and not report.stopped_early
         if complete or path.exists():
             topup = CheckpointStore(path, rf_topup_spec(spec))
+        ref_path = rf_reference_store_path(store_path)
+        if complete or ref_path.exists():
+            references = CheckpointStore(ref_path, rf_reference_spec(spec))
         start = time.monotonic()
+        if complete:
+            ref = run_chunks(rf_reference_tasks(ckpt), mgii_reference_chunk_isolated, references,
+                             scheduler=scheduler, workers=workers, processes=processes,
+                             time_limit_s=None if time_limit_s is None
+                             else time_limit_s - report.seconds, progress=progress)
+            references.log({"status": "paired references", "done": len(ref.done),
+                            "failed": len(ref.failed), "seconds": round(ref.seconds, 1)})
+            complete = not ref.stopped_early
         for _ in range(3 if complete else 0):  # entries that fail are replaced next round
             left = None if time_limit_s is None else \
                 time_limit_s - report.seconds - (time.monotonic() - start)
-            entries = rf_topup_plan(ckpt, topup, rf_min)
+            entries = rf_topup_plan(ckpt, topup, rf_min, references)
             if entries.size == 0 or (left is not None and left <= 0):
                 break
             top = run_chunks(rf_topup_tasks(topup.spec, entries), mgii_chunk_isolated, topup,
@@ -1242,7 +1429,7 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
             if top.stopped_early:
                 break
     if export_file and ckpt.done():
-        export(ckpt, out, command=command, rf_topup=topup)
+        export(ckpt, out, command=command, rf_topup=topup, rf_references=references)
     return out
 
 

@@ -9,6 +9,9 @@ finite-difference response functions (eq. 2 of Sainz Dalda et al. 2019) on a
 random 10 % of the entries, topped up after the last entry to at least
 ``--rf-min`` (105) such entries (the seeded 10 % of 1000 holds 90; see
 ``iris_lab.builder.rf_topup_spec``), filled by a regression on the rest.
+Responses are paired differences (``iris_lab.builder.response_spectra``);
+chunks written before the pairing get their references solved after the
+last entry (``build/mgii_database_ref.parts``, ``rf_reference_spec``).
 
 The build is resumable: checkpoints go to ``build/<name>.parts`` and a rerun
 continues where the last one stopped; ``--export-only`` writes the shipped
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         build_database,
         export,
         make_spec,
+        rf_reference_spec,
+        rf_reference_store_path,
         rf_topup_spec,
         rf_topup_store_path,
     )
@@ -52,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scheduler", default=None)
     parser.add_argument("--time-limit", type=float, default=None)
     parser.add_argument("--export-only", action="store_true")
+    parser.add_argument("--references-only", action="store_true",
+                        help="database: only solve the paired references of chunks whose "
+                             "responses are unpaired (also done after the last entry)")
     parser.add_argument("--no-export", action="store_true")
     parser.add_argument("--interleave", action="store_true",
                         help="database, held-out and flare set in turns")
@@ -87,12 +95,26 @@ def main(argv: list[str] | None = None) -> None:
     store = ROOT / "build" / f"{name}.parts"
     command = "python scripts/build_mgii_database.py " + " ".join(sys.argv[1:])
     rf_min = args.rf_min if kind == "mgii" and args.rf_min > 0 else None
+    if args.references_only:
+        from iris_lab.builder import mgii_reference_chunk_isolated, rf_reference_tasks, run_chunks
+
+        main_store = CheckpointStore(store, make_spec("mgii", n))
+        references = CheckpointStore(rf_reference_store_path(store),
+                                     rf_reference_spec(main_store.spec))
+        report = run_chunks(rf_reference_tasks(main_store), mgii_reference_chunk_isolated,
+                            references, scheduler=args.scheduler, workers=args.workers)
+        references.log({"status": "paired references", "done": len(report.done),
+                        "failed": len(report.failed), "seconds": round(report.seconds, 1)})
+        return
     if args.export_only:
         spec = make_spec(kind, n)
         topup = rf_topup_store_path(store)
+        references = rf_reference_store_path(store)
         export(CheckpointStore(store, spec), out, command=command,
                rf_topup=(CheckpointStore(topup, rf_topup_spec(spec))
-                         if kind == "mgii" and topup.exists() else None))
+                         if kind == "mgii" and topup.exists() else None),
+               rf_references=(CheckpointStore(references, rf_reference_spec(spec))
+                              if kind == "mgii" and references.exists() else None))
     else:
         build_database(kind, n, out, scheduler=args.scheduler, workers=args.workers,
                        store=store, time_limit_s=args.time_limit, command=command,

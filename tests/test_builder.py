@@ -273,7 +273,8 @@ def test_rf_topup_plan_counts_what_the_stores_hold(tmp_path):
     for c in range(4):
         e = np.arange(10 * c, 10 * c + 10)
         main.write(c, xr.Dataset({"converged": ("entry", converged[e]),
-                                  "rf_done": ("entry", seeded[e] & converged[e])},
+                                  "rf_done": ("entry", seeded[e] & converged[e]),
+                                  "rf_paired": ("entry", np.ones(10, bool))},
                                  coords={"entry": e}))
     top = CheckpointStore(tmp_path / "db_rf.parts", rf_topup_spec(spec))
     have = int((seeded & converged).sum())
@@ -281,8 +282,8 @@ def test_rf_topup_plan_counts_what_the_stores_hold(tmp_path):
     assert first.size == 3 and converged[first].all() and not seeded[first].any()
     # the first top-up entry fails, the second succeeds
     for e, ok in zip(first[:2], (False, True), strict=True):
-        top.write(int(e), xr.Dataset({"converged": ("entry", [ok]), "rf_done": ("entry", [ok])},
-                                     coords={"entry": [e]}))
+        top.write(int(e), xr.Dataset({"converged": ("entry", [ok]), "rf_done": ("entry", [ok]),
+                                      "rf_paired": ("entry", [ok])}, coords={"entry": [e]}))
     second = rf_topup_plan(main, top, have + 3)
     assert second.size == 2 and first[0] not in second and first[1] not in second
     assert first[2] in second
@@ -369,3 +370,83 @@ def test_local_cluster_workers_run_quiet():
         assert cluster.scheduler.allowed_failures == 3
     finally:
         cluster.close()
+
+
+def test_unpaired_responses_count_once_their_references_pair_them(tmp_path):
+    """Chunks written before the responses were paired: their entries are not
+    exact for the top-up plan, the reference tasks re-solve exactly those
+    chunks, and a reproduced chain (mismatch below tolerance) pairs them."""
+    import xarray as xr
+
+    from iris_lab.builder import (
+        _rf_draws,
+        make_tasks,
+        merge_rf_references,
+        rf_reference_spec,
+        rf_reference_store_path,
+        rf_reference_tasks,
+        rf_topup_plan,
+        rf_topup_spec,
+    )
+
+    spec = make_spec("mgii", 40, chunk_size=10, rf_fraction=0.3)
+    seeded = _rf_draws(spec) < spec["rf_fraction"]
+    assert seeded[:20].any() and seeded[20:].any()
+    main = CheckpointStore(tmp_path / "db.parts", spec)
+    n_wl = 6
+    spectra = np.random.default_rng(1).random((40, n_wl)) + 1.0
+    for c in range(4):
+        e = np.arange(10 * c, 10 * c + 10)
+        data = {"converged": ("entry", np.ones(10, bool)), "rf_done": ("entry", seeded[e]),
+                "spectrum": (("entry", "wl_fine"), spectra[e])}
+        if c >= 2:  # written after the pairing
+            data["rf_paired"] = ("entry", np.ones(10, bool))
+        main.write(c, xr.Dataset(data, coords={"entry": e}))
+    top = CheckpointStore(tmp_path / "db_rf.parts", rf_topup_spec(spec))
+    paired_now = int(seeded[20:].sum())
+    assert rf_topup_plan(main, top, paired_now).size == 0
+    assert rf_topup_plan(main, top, int(seeded.sum())).size == int(seeded[:20].sum())
+
+    tasks = rf_reference_tasks(main)
+    assert sorted(cid for cid, _ in tasks) == [0, 1]
+    by_id = dict(make_tasks(spec))
+    for cid, payload in tasks:
+        np.testing.assert_array_equal(payload["need"], seeded[10 * cid:10 * cid + 10])
+        np.testing.assert_array_equal(payload["stored"], spectra[10 * cid:10 * cid + 10])
+        np.testing.assert_array_equal(payload["entries"], by_id[cid]["entries"])
+
+    refs = CheckpointStore(rf_reference_store_path(main.path), rf_reference_spec(spec))
+    assert refs.path.name == "db_ref.parts"
+    need = np.flatnonzero(seeded[:20])
+    mismatch = np.zeros(need.size)
+    mismatch[0] = 1e-3  # this chain was not reproduced
+    refs.write(0, xr.Dataset({"reference_spectrum": (("entry", "wl_fine"), spectra[need] + 0.5),
+                              "chain_mismatch": ("entry", mismatch),
+                              "converged": ("entry", np.ones(need.size, bool)),
+                              "solve_seconds": ("entry", np.ones(need.size))},
+                             coords={"entry": need}))
+    assert rf_topup_plan(main, top, int(seeded.sum()), refs).size == 1
+
+    rf = spectra[:, None, :] + np.arange(1.0, 4.0)[None, :, None]
+    db = xr.Dataset({"spectrum": (("entry", "wl_fine"), spectra),
+                     "rf_spectrum": (("entry", "rf_parameter", "wl_fine"), rf),
+                     "rf_done": ("entry", seeded), "rf_paired": ("entry", np.zeros(40, bool))},
+                    coords={"entry": np.arange(40)})
+    out, info = merge_rf_references(db, refs.load("entry"))
+    assert info["rf_references_merged"] == str(need.size - 1)
+    assert out["rf_paired"].values.tolist() == [bool(e in need[1:]) for e in range(40)]
+    for e in need[1:]:  # rf_spectrum - spectrum is now perturbed - reference
+        np.testing.assert_allclose(out["rf_spectrum"].values[e] - spectra[e],
+                                   rf[e] - (spectra[e] + 0.5), rtol=1e-12)
+    np.testing.assert_array_equal(out["rf_spectrum"].values[need[0]], rf[need[0]])
+
+
+def test_load_fills_variables_older_chunks_lack(tmp_path):
+    import xarray as xr
+
+    store = CheckpointStore(tmp_path / "s.parts", {"kind": "test"})
+    store.write(0, xr.Dataset({"a": ("entry", [1.0, 2.0])}, coords={"entry": [0, 1]}))
+    store.write(1, xr.Dataset({"a": ("entry", [3.0]), "flag": ("entry", [True])},
+                              coords={"entry": [2]}))
+    ds = store.load("entry", defaults={"flag": False})
+    assert ds["flag"].values.tolist() == [False, False, True]
