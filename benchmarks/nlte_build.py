@@ -11,12 +11,19 @@ chunked as in a build, with 1 and 2 local workers (atmospheres per hour,
 scaling efficiency = rate(2) / (2 rate(1))), and the same run against a
 scheduler address (a separately started scheduler with 2 workers).
 
+Part ``responses``: accuracy of the finite-difference response functions of
+the database's σ on one entry: the difference of a perturbed solve to the
+entry's own solution (unpaired, as the builder did first) and to a reference
+solved again like the perturbed ones (paired, ``builder.response_spectra``),
+both against a pair of solves with 5× tighter tolerances; the error is
+‖fd − ref‖ / ‖ref‖ within ±1 Å of k and h at full resolution.
+
 Part ``overhead``: CPU taken by an idle 2-worker cluster (scheduler, client
 and workers; chunks run for minutes, so this is what dask takes from the
 solves) with dask's default settings and with the builder's
 ``QUIET_CLUSTER_CONFIG``, measured one after the other in the same run.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/nlte_build.py [setups|scaling|overhead|all]``.
+Run: ``OMP_NUM_THREADS=1 python benchmarks/nlte_build.py [setups|scaling|responses|overhead|all]``.
 Timings depend on what else runs on the machine; the table prints the load.
 """
 
@@ -158,9 +165,58 @@ def main(argv: list[str]) -> None:
         print("\n".join(setups()))
     if which in ("scaling", "all"):
         print("\n".join(scaling()))
+    if which in ("responses", "all"):
+        print("\n".join(responses()))
     if which in ("overhead", "all"):
         print("\n".join(overhead()))
     print(f"load average {os.getloadavg()[0]:.1f} at end")
+
+
+def responses(task: int = -1, parameters: tuple[int, ...] = (3, 9, 16, 13)) -> list[str]:
+    """Unpaired and paired finite-difference responses against tight solves."""
+    from iris_lab.atmosphere import Atmosphere
+    from iris_lab.builder import _node_hat, make_spec, make_tasks, rf_parameters
+    from iris_lab.synthesis.nlte import NLTESynthesizer
+
+    _, payload = make_tasks(make_spec("mgii", 1000))[task]
+    synth = NLTESynthesizer(**payload["synth"])
+    tight = NLTESynthesizer(**{**payload["synth"], "j_tol": 1e-3, "pops_tol": 2e-4,
+                               "max_iter": 800, "retry": False})
+    atm = Atmosphere(**payload["fields"], scale=payload["scale"])[0]
+    entry = synth.solve(atm)
+    reference = synth.solve(atm, warm_start=entry)
+    entry_tight = tight.solve(atm, warm_start=entry)
+    wl = entry.spectra["mgii"]["wavelength"].values
+    window = (np.abs(wl - 2796.35) < 1.0) | (np.abs(wl - 2803.53) < 1.0)
+
+    def norm(v):
+        return float(np.sqrt(np.sum(v[window] ** 2)))
+
+    s, r, st = (x.spectra["mgii"].values for x in (entry, reference, entry_tight))
+    rows = [f"entry: task {task}, family {payload['family'][0]}; one solve's convergence "
+            f"error ‖I − I_tight‖/‖I_tight‖ = {norm(s - st) / norm(st):.4f}",
+            "| node (step) | ‖ref‖ / ‖I‖ | unpaired error | paired error | iterations |",
+            "|---|---|---|---|---|"]
+    params = rf_parameters()
+    for j in parameters:
+        name, k, _, step = params[j]
+        hat = _node_hat(entry.log_tau500, np.array([p[2] for p in params if p[0] == name]), k)
+        if name == "temperature":
+            changed = atm.replace(temperature=atm.temperature * (1 + step * hat))
+        elif name == "log_n_e":
+            changed = atm.replace(n_e=atm.n_e * 10.0 ** (step * hat))
+        elif name == "v_turb":
+            changed = atm.replace(v_turb=atm.v_turb + step * hat)
+        else:
+            changed = atm.replace(v_los=atm.v_los + step * hat)
+        perturbed = synth.solve(changed, warm_start=entry)
+        p = perturbed.spectra["mgii"].values
+        ref = tight.solve(changed, warm_start=entry_tight).spectra["mgii"].values - st
+        rows.append(f"| {name} node {k} ({step:g}) | {norm(ref) / norm(st):.2e} | "
+                    f"{norm(p - s - ref) / norm(ref):.3f} | {norm(p - r - ref) / norm(ref):.3f} | "
+                    f"{perturbed.iterations} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def _idle_cpu_percent(config: dict, workers: int, seconds: float) -> float:
