@@ -994,10 +994,14 @@ def rf_reference_store_path(store: str | Path) -> Path:
 def rf_reference_tasks(main: CheckpointStore) -> list[tuple[int, dict[str, Any]]]:
     """Chunks of ``main`` with converged entries whose responses are unpaired
     (written before :func:`response_spectra` paired them), as
-    :func:`mgii_reference_chunk` payloads keyed by the main chunk id."""
+    :func:`mgii_reference_chunk` payloads keyed by the main chunk id; chunks
+    imported from another set-up (:meth:`CheckpointStore.import_chunks`) are
+    replayed with that set-up."""
     import xarray as xr
 
     tasks = dict(make_tasks(main.spec))
+    setup_of = {int(c): record["synth"] for record in main.imported()
+                for c in record.get("chunks", []) if record.get("synth")}
     out = []
     for path in iter_chunk_files(main.path):
         with xr.open_dataset(path, engine="h5netcdf") as ds:
@@ -1011,6 +1015,8 @@ def rf_reference_tasks(main: CheckpointStore) -> list[tuple[int, dict[str, Any]]
             if not np.array_equal(payload["entries"], ds["entry"].values):
                 raise ValueError(f"chunk {cid} of {main.path} holds other entries than its task")
             payload.update(need=need, stored=ds["spectrum"].values)
+            if cid in setup_of:  # imported from a store with another set-up: replay that
+                payload["synth"] = setup_of[cid]
             out.append((cid, payload))
     return out
 
@@ -1289,7 +1295,7 @@ def export(store: CheckpointStore, out: str | Path, *, command: str | None = Non
         if rf_topup is not None and any(rf_topup.path.glob("chunk_*.nc")):
             if rf_topup.spec.get("base") != store.spec:
                 raise ValueError("the response-function top-up belongs to another build")
-            ds, info = merge_rf_topup(ds, rf_topup.load("entry"))
+            ds, info = merge_rf_topup(ds, rf_topup.load("entry", defaults={"rf_paired": False}))
             attrs.update(info)
         ds, info = _export_mgii(ds)
         attrs.update(info)
@@ -1459,7 +1465,7 @@ def build_interleaved(jobs: Sequence[tuple[str, dict[str, Any], str | Path, int]
         fn = flare_chunk_isolated if spec["kind"] == "flare" else mgii_chunk_isolated
         prepared.append((label, make_tasks(spec), fn, CheckpointStore(store_path, spec),
                          per_turn))
-    cluster = None if scheduler else local_cluster(workers)
+    cluster = None if scheduler else local_cluster(workers, allowed_failures=3)
     client = Client(scheduler or cluster)
     try:
         while deadline is None or time.time() < deadline:

@@ -404,7 +404,7 @@ def test_unpaired_responses_count_once_their_references_pair_them(tmp_path):
         main.write(c, xr.Dataset(data, coords={"entry": e}))
     top = CheckpointStore(tmp_path / "db_rf.parts", rf_topup_spec(spec))
     paired_now = int(seeded[20:].sum())
-    assert rf_topup_plan(main, top, paired_now).size == 0
+    assert rf_topup_plan(main, top, paired_now + 1).size == 1
     assert rf_topup_plan(main, top, int(seeded.sum())).size == int(seeded[:20].sum())
 
     tasks = rf_reference_tasks(main)
@@ -450,3 +450,40 @@ def test_load_fills_variables_older_chunks_lack(tmp_path):
                               coords={"entry": [2]}))
     ds = store.load("entry", defaults={"flag": False})
     assert ds["flag"].values.tolist() == [False, False, True]
+
+
+def test_merge_rf_topup_pairing_flags(tmp_path):
+    """A paired top-up entry replaces an unpaired response; an unpaired top-up entry
+    (a chunk written before the pairing, NaN-filled on load) never counts as paired."""
+    import xarray as xr
+
+    from iris_lab.builder import merge_rf_topup
+
+    n, n_rf, n_wl = 3, 2, 4
+    spec = np.ones((n, n_wl))
+    rf = np.full((n, n_rf, n_wl), np.nan)
+    rf[0] = 5.0
+    db = xr.Dataset({"spectrum": (("entry", "wl_fine"), spec),
+                     "rf_spectrum": (("entry", "rf_parameter", "wl_fine"), rf),
+                     "rf_done": ("entry", [True, False, False]),
+                     "rf_paired": ("entry", [False, False, False]),
+                     "rf_seconds": ("entry", np.zeros(n))},
+                    coords={"entry": [0, 1, 2], "wl_fine": np.arange(n_wl),
+                            "rf_parameter": np.arange(n_rf)})
+    store = CheckpointStore(tmp_path / "top.parts", {"kind": "test"})
+    for e, with_flag in ((0, True), (1, False), (2, True)):
+        data = {"spectrum": (("entry", "wl_fine"), spec[[e]] + 0.5),
+                "rf_spectrum": (("entry", "rf_parameter", "wl_fine"),
+                                np.full((1, n_rf, n_wl), 2.0)),
+                "rf_done": ("entry", [True]), "converged": ("entry", [True]),
+                "rf_seconds": ("entry", [1.0]), "solve_seconds": ("entry", [1.0])}
+        if with_flag:
+            data["rf_paired"] = ("entry", [True])
+        store.write(e, xr.Dataset(data, coords={"entry": [e], "wl_fine": np.arange(n_wl),
+                                                "rf_parameter": np.arange(n_rf)}))
+    top = store.load("entry", defaults={"rf_paired": False})
+    out, info = merge_rf_topup(db, top)
+    assert out["rf_paired"].values.tolist() == [True, False, True]
+    assert out["rf_done"].values.tolist() == [True, True, True]
+    np.testing.assert_allclose(out["rf_spectrum"].values[0] - 1.0, 2.0 - 1.5)
+    assert info["rf_topup_entries"] == "3"
