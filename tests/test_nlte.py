@@ -330,3 +330,54 @@ def test_reference_chunk_reproduces_the_chain(falc):
         other = chunk["spectrum"].values[3 - i].astype(float)
         assert np.max(np.abs(again - first)) < 0.02 * first.max()
         assert np.max(np.abs(again - first)) < 0.2 * np.max(np.abs(other - first))
+
+
+def test_mgii_chunk_stores_paired_responses(monkeypatch):
+    """mgii_chunk stores rf_spectrum so that rf_spectrum − spectrum is perturbed −
+    reference (not perturbed − the entry's own solve), flags it rf_paired, and
+    leaves the responses out when the reference solve fails."""
+    from types import SimpleNamespace
+
+    import xarray as xr
+
+    from iris_lab.builder import mgii_chunk, rf_parameters
+    from iris_lab.synthesis import nlte
+    from iris_lab.worlds.chromosphere import sample_mgii_atmospheres
+
+    atms, family = sample_mgii_atmospheres(2, seed=5)
+    wl = np.linspace(2790.0, 2810.0, 11)
+    calls = []
+
+    class FakeSynth:
+        mu, step_aa = 1.0, 2.0
+
+        def __init__(self, **kwargs):
+            pass
+
+        def solve(self, a, warm_start=None):
+            calls.append(warm_start is not None)
+            error = 0.3 if warm_start is None else warm_start.error + 0.1
+            if len(calls) == 23:  # the reference solve of the second entry
+                return SimpleNamespace(converged=False, spectra={}, error=0.0)
+            values = float(np.mean(a.temperature)) * 1e-3 + error + 0.0 * wl
+            return SimpleNamespace(
+                converged=True, iterations=3, seconds=0.1, message="", error=error,
+                log_tau500=np.linspace(-8.0, 1.0, a.n_depth),
+                spectra={"mgii": xr.DataArray(values, dims="wavelength",
+                                              coords={"wavelength": wl})})
+
+    monkeypatch.setattr(nlte, "NLTESynthesizer", FakeSynth)
+    payload = {"entries": np.arange(2), "fields": atms.fields(), "family": family,
+               "rf": np.ones(2, bool), "synth": {}, "scale": atms.scale}
+    ds = mgii_chunk(payload)
+    # entry 0: solve (error 0.3), reference and perturbed from it (0.4 each)
+    diff = ds["rf_spectrum"].values[0] - ds["spectrum"].values[0]
+    t = atms.temperature[0]
+    assert np.all(np.isfinite(diff)) and diff.shape == (len(rf_parameters()), wl.size)
+    t_mean = np.array([float(np.mean(c.temperature)) for c in _perturbed_atmospheres(
+        atms[0], np.linspace(-8.0, 1.0, atms.n_depth))])
+    np.testing.assert_allclose(diff[:, 0], (t_mean - float(np.mean(t))) * 1e-3, atol=1e-5)
+    assert bool(ds["rf_paired"].values[0]) and bool(ds["rf_done"].values[0])
+    # entry 1: its reference failed, so it has no responses
+    assert not ds["rf_paired"].values[1] and not ds["rf_done"].values[1]
+    assert bool(ds["converged"].values[1])
