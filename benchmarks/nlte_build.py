@@ -175,7 +175,7 @@ def main(argv: list[str]) -> None:
 def responses(task: int = -1, parameters: tuple[int, ...] = (3, 9, 16, 13)) -> list[str]:
     """Unpaired and paired finite-difference responses against tight solves."""
     from iris_lab.atmosphere import Atmosphere
-    from iris_lab.builder import _node_hat, make_spec, make_tasks, rf_parameters
+    from iris_lab.builder import make_spec, make_tasks, perturb_node, rf_parameters
     from iris_lab.synthesis.nlte import NLTESynthesizer
 
     _, payload = make_tasks(make_spec("mgii", 1000))[task]
@@ -200,15 +200,7 @@ def responses(task: int = -1, parameters: tuple[int, ...] = (3, 9, 16, 13)) -> l
     params = rf_parameters()
     for j in parameters:
         name, k, _, step = params[j]
-        hat = _node_hat(entry.log_tau500, np.array([p[2] for p in params if p[0] == name]), k)
-        if name == "temperature":
-            changed = atm.replace(temperature=atm.temperature * (1 + step * hat))
-        elif name == "log_n_e":
-            changed = atm.replace(n_e=atm.n_e * 10.0 ** (step * hat))
-        elif name == "v_turb":
-            changed = atm.replace(v_turb=atm.v_turb + step * hat)
-        else:
-            changed = atm.replace(v_los=atm.v_los + step * hat)
+        changed = perturb_node(atm, entry.log_tau500, j)
         perturbed = synth.solve(changed, warm_start=entry)
         p = perturbed.spectra["mgii"].values
         ref = tight.solve(changed, warm_start=entry_tight).spectra["mgii"].values - st

@@ -402,6 +402,33 @@ def rf_parameters() -> list[tuple[str, int, float, float]]:
     return out
 
 
+def perturb_node(atmosphere: Any, log_tau500: np.ndarray, index: int) -> Any:
+    """The atmosphere with node ``index`` of :func:`rf_parameters` perturbed by its
+    step, spread by a hat function in ``log_tau500`` (the atmosphere's own log τ500).
+
+    Example
+    -------
+    >>> from iris_lab.atmosphere import Atmosphere
+    >>> falc = Atmosphere.reference("falc")
+    >>> log_tau = np.linspace(-9.0, 1.0, falc.n_depth)
+    >>> hotter = perturb_node(falc, log_tau, 3)  # T node 3, +2 %
+    >>> ratio = hotter.temperature / falc.temperature
+    >>> bool(1.01 < ratio.max() <= 1.02), bool(ratio.min() == 1.0)
+    (True, True)
+    """
+    params = rf_parameters()
+    name, k, _, step = params[index]
+    nodes = np.array([p[2] for p in params if p[0] == name])
+    hat = _node_hat(log_tau500, nodes, k)
+    if name == "temperature":
+        return atmosphere.replace(temperature=atmosphere.temperature * (1 + step * hat))
+    if name == "log_n_e":
+        return atmosphere.replace(n_e=atmosphere.n_e * 10.0 ** (step * hat))
+    if name == "v_turb":
+        return atmosphere.replace(v_turb=atmosphere.v_turb + step * hat)
+    return atmosphere.replace(v_los=atmosphere.v_los + step * hat)
+
+
 def response_spectra(synth: Any, atmosphere: Any, solution: Any,
                      log_tau500: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Spectra of the node-perturbed atmospheres and of their paired reference.
@@ -426,25 +453,13 @@ def response_spectra(synth: Any, atmosphere: Any, solution: Any,
         responses are then unusable).
     """
     params = rf_parameters()
-    nodes_of = {}
-    for name, _, x, _ in params:
-        nodes_of.setdefault(name, []).append(x)
     size = solution.spectra["mgii"].size
     out = np.full((len(params), size), np.nan)
     again = synth.solve(atmosphere, warm_start=solution)
     if not again.converged:
         return out, None
-    for j, (name, k, _, step) in enumerate(params):
-        hat = _node_hat(log_tau500, np.asarray(nodes_of[name]), k)
-        if name == "temperature":
-            changed = atmosphere.replace(temperature=atmosphere.temperature * (1 + step * hat))
-        elif name == "log_n_e":
-            changed = atmosphere.replace(n_e=atmosphere.n_e * 10.0 ** (step * hat))
-        elif name == "v_turb":
-            changed = atmosphere.replace(v_turb=atmosphere.v_turb + step * hat)
-        else:
-            changed = atmosphere.replace(v_los=atmosphere.v_los + step * hat)
-        sol = synth.solve(changed, warm_start=solution)
+    for j in range(len(params)):
+        sol = synth.solve(perturb_node(atmosphere, log_tau500, j), warm_start=solution)
         if sol.converged:
             out[j] = sol.spectra["mgii"].values
     return out, again.spectra["mgii"].values

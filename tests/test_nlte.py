@@ -283,21 +283,9 @@ def test_response_spectra_pair_the_reference_with_the_perturbed_solves():
 
 
 def _perturbed_atmospheres(atm, log_tau):
-    from iris_lab.builder import _node_hat, rf_parameters
+    from iris_lab.builder import perturb_node, rf_parameters
 
-    params = rf_parameters()
-    out = []
-    for name, k, _, step in params:
-        hat = _node_hat(log_tau, np.array([p[2] for p in params if p[0] == name]), k)
-        if name == "temperature":
-            out.append(atm.replace(temperature=atm.temperature * (1 + step * hat)))
-        elif name == "log_n_e":
-            out.append(atm.replace(n_e=atm.n_e * 10.0 ** (step * hat)))
-        elif name == "v_turb":
-            out.append(atm.replace(v_turb=atm.v_turb + step * hat))
-        else:
-            out.append(atm.replace(v_los=atm.v_los + step * hat))
-    return out
+    return [perturb_node(atm, log_tau, j) for j in range(len(rf_parameters()))]
 
 
 @pytest.mark.nlte
