@@ -214,13 +214,13 @@ def test_rf_topup_continues_the_seeded_choice():
     disjoint from the seeded choice, as many as n_exact asks, skipping entries that
     are not eligible or were tried; the same atmospheres as the database's chunks."""
     from iris_lab.builder import (
-        _rf_draws,
         make_tasks,
         rf_topup_entries,
         rf_topup_spec,
         rf_topup_store_path,
         rf_topup_tasks,
     )
+    from iris_lab.builder.responses import _rf_draws
 
     spec = make_spec("mgii", 60)
     tasks = dict(make_tasks(spec))
@@ -263,7 +263,8 @@ def test_rf_topup_plan_counts_what_the_stores_hold(tmp_path):
     database and the top-up, never an unconverged or already-tried entry."""
     import xarray as xr
 
-    from iris_lab.builder import _rf_draws, rf_topup_plan, rf_topup_spec
+    from iris_lab.builder import rf_topup_plan, rf_topup_spec
+    from iris_lab.builder.responses import _rf_draws
 
     spec = make_spec("mgii", 40, chunk_size=10)
     seeded = _rf_draws(spec) < spec["rf_fraction"]
@@ -379,7 +380,6 @@ def test_unpaired_responses_count_once_their_references_pair_them(tmp_path):
     import xarray as xr
 
     from iris_lab.builder import (
-        _rf_draws,
         make_tasks,
         merge_rf_references,
         rf_reference_spec,
@@ -388,6 +388,7 @@ def test_unpaired_responses_count_once_their_references_pair_them(tmp_path):
         rf_topup_plan,
         rf_topup_spec,
     )
+    from iris_lab.builder.responses import _rf_draws
 
     spec = make_spec("mgii", 40, chunk_size=10, rf_fraction=0.3)
     seeded = _rf_draws(spec) < spec["rf_fraction"]

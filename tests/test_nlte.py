@@ -196,7 +196,8 @@ def test_options_are_validated():
 
 def test_sigma_from_responses_matches_eq2():
     """A linear response R gives σ² = 2/(n+m) Σ ε² / Σ R² exactly."""
-    from iris_lab.builder import _noise_sigma, rf_parameters, sigma_from_responses
+    from iris_lab.builder import rf_parameters, sigma_from_responses
+    from iris_lab.builder.responses import _noise_sigma
 
     rng = np.random.default_rng(1)
     m = 473
