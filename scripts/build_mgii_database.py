@@ -96,15 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     command = "python scripts/build_mgii_database.py " + " ".join(sys.argv[1:])
     rf_min = args.rf_min if kind == "mgii" and args.rf_min > 0 else None
     if args.references_only:
-        from iris_lab.builder import mgii_reference_chunk_isolated, rf_reference_tasks, run_chunks
+        from iris_lab.builder import pair_older_responses
 
         main_store = CheckpointStore(store, make_spec("mgii", n))
-        references = CheckpointStore(rf_reference_store_path(store),
-                                     rf_reference_spec(main_store.spec))
-        report = run_chunks(rf_reference_tasks(main_store), mgii_reference_chunk_isolated,
-                            references, scheduler=args.scheduler, workers=args.workers)
-        references.log({"status": "paired references", "done": len(report.done),
-                        "failed": len(report.failed), "seconds": round(report.seconds, 1)})
+        pair_older_responses(main_store,
+                             CheckpointStore(rf_reference_store_path(store),
+                                             rf_reference_spec(main_store.spec)),
+                             scheduler=args.scheduler, workers=args.workers)
         return
     if args.export_only:
         spec = make_spec(kind, n)

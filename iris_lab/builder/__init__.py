@@ -153,12 +153,10 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
             references = CheckpointStore(ref_path, rf_reference_spec(spec))
         start = time.monotonic()
         if complete:
-            ref = run_chunks(rf_reference_tasks(ckpt), mgii_reference_chunk_isolated, references,
-                             scheduler=scheduler, workers=workers, processes=processes,
-                             time_limit_s=None if time_limit_s is None
-                             else time_limit_s - report.seconds, progress=progress)
-            references.log({"status": "paired references", "done": len(ref.done),
-                            "failed": len(ref.failed), "seconds": round(ref.seconds, 1)})
+            ref = pair_older_responses(ckpt, references, scheduler=scheduler, workers=workers,
+                                       processes=processes, progress=progress,
+                                       time_limit_s=None if time_limit_s is None
+                                       else time_limit_s - report.seconds)
             complete = not ref.stopped_early
         for _ in range(3 if complete else 0):  # entries that fail are replaced next round
             left = None if time_limit_s is None else \
@@ -176,6 +174,18 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
     if export_file and ckpt.done():
         export(ckpt, out, command=command, rf_topup=topup, rf_references=references)
     return out
+
+
+def pair_older_responses(main: CheckpointStore, references: CheckpointStore,
+                         **run_options: Any) -> BuildReport:
+    """Solve the paired references of every chunk of ``main`` whose responses are
+    unpaired (:func:`rf_reference_tasks`) into ``references`` and log the run;
+    ``run_options`` go to :func:`run_chunks` (scheduler, workers, time limit…)."""
+    report = run_chunks(rf_reference_tasks(main), mgii_reference_chunk_isolated, references,
+                        **run_options)
+    references.log({"status": "paired references", "done": len(report.done),
+                    "failed": len(report.failed), "seconds": round(report.seconds, 1)})
+    return report
 
 
 def build_interleaved(jobs: Sequence[tuple[str, dict[str, Any], str | Path, int]], *,

@@ -161,6 +161,19 @@ def _rf_draws(spec: dict[str, Any]) -> np.ndarray:
     return np.random.default_rng(spec["seed"] + 7).random(spec["n"])
 
 
+def _companion_spec(base: dict[str, Any], kind: str, what: str) -> dict[str, Any]:
+    """Specification of a store that completes a Mg II database (its spec embedded)."""
+    if base.get("kind") != "mgii":
+        raise ValueError(f"{what} needs a 'mgii' database specification")
+    return {"kind": kind, "base": json.loads(json.dumps(base))}
+
+
+def _companion_store_path(store: str | Path, suffix: str) -> Path:
+    """``<name><suffix>.parts`` beside the store ``<name>.parts``."""
+    store = Path(store)
+    return store.with_name(store.stem + suffix + store.suffix)
+
+
 def rf_topup_spec(base: dict[str, Any]) -> dict[str, Any]:
     """Specification of the response-function top-up store of a Mg II database.
 
@@ -179,9 +192,7 @@ def rf_topup_spec(base: dict[str, Any]) -> dict[str, Any]:
     >>> rf_topup_spec(make_spec("mgii", 1000))["kind"]
     'mgii_rf'
     """
-    if base.get("kind") != "mgii":
-        raise ValueError("a response-function top-up needs a 'mgii' database specification")
-    return {"kind": "mgii_rf", "base": json.loads(json.dumps(base))}
+    return _companion_spec(base, "mgii_rf", "a response-function top-up")
 
 
 def rf_topup_entries(base: dict[str, Any], n_exact: int, *, exact: np.ndarray | None = None,
@@ -253,15 +264,12 @@ def rf_reference_spec(base: dict[str, Any]) -> dict[str, Any]:
     >>> rf_reference_spec(make_spec("mgii", 1000))["kind"]
     'mgii_rf_reference'
     """
-    if base.get("kind") != "mgii":
-        raise ValueError("paired references need a 'mgii' database specification")
-    return {"kind": "mgii_rf_reference", "base": json.loads(json.dumps(base))}
+    return _companion_spec(base, "mgii_rf_reference", "paired references")
 
 
 def rf_reference_store_path(store: str | Path) -> Path:
     """Where the paired references of a store go: ``<name>_ref.parts``."""
-    store = Path(store)
-    return store.with_name(store.stem + "_ref" + store.suffix)
+    return _companion_store_path(store, "_ref")
 
 
 def rf_reference_tasks(main: CheckpointStore) -> list[tuple[int, dict[str, Any]]]:
@@ -455,5 +463,4 @@ def fill_sigma_regression(ds: Any, *, seed: int = 0) -> tuple[Any, dict[str, str
 
 def rf_topup_store_path(store: str | Path) -> Path:
     """Where the response-function top-up of a store goes: ``<name>_rf.parts``."""
-    store = Path(store)
-    return store.with_name(store.stem + "_rf" + store.suffix)
+    return _companion_store_path(store, "_rf")
