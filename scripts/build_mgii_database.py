@@ -17,9 +17,16 @@ The build is resumable: checkpoints go to ``build/<name>.parts`` and a rerun
 continues where the last one stopped; ``--export-only`` writes the shipped
 file from what is built so far.
 
-Run::
+``--carry-from FILE`` resumes from an earlier export of the same build when
+the checkpoints are gone: the chunks it holds are carried, not solved again
+(``iris_lab.builder.carry_earlier``). ``--supplement N`` adds N atmospheres of
+the seed + 100 after the last entry (``iris_lab.builder.supplement_spec``), so
+that the database keeps ``--n`` entries when some solves do not converge.
 
-    python scripts/build_mgii_database.py --n 1000 --workers 2
+Run (the shipped database)::
+
+    python scripts/build_mgii_database.py --n 1000 --workers 2 --supplement 16 \
+        --carry-from iris_lab/data/mgii_database.nc
     python scripts/build_mgii_database.py --heldout --n 200 --workers 2
 
 ``--interleave`` builds the database, the held-out set and the flare set
@@ -48,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         rf_reference_store_path,
         rf_topup_spec,
         rf_topup_store_path,
+        supplement_spec,
+        supplement_store_path,
     )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -64,6 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="database, held-out and flare set in turns")
     parser.add_argument("--deadline", default=None, help="HH:MM UTC to stop --interleave")
+    parser.add_argument("--carry-from", default=None, metavar="FILE",
+                        help="database: an earlier export of this build whose chunks are "
+                             "carried instead of solved again when the store lacks them")
+    parser.add_argument("--supplement", type=int, default=0, metavar="N",
+                        help="database: N more atmospheres of the seed + 100, after the "
+                             "last entry, so that the database keeps n converged entries")
     parser.add_argument("--rf-min", type=int, default=105,
                         help="database: entries with exact response functions at least "
                              "(a top-up after the last entry; 0: none)")
@@ -95,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     store = ROOT / "build" / f"{name}.parts"
     command = "python scripts/build_mgii_database.py " + " ".join(sys.argv[1:])
     rf_min = args.rf_min if kind == "mgii" and args.rf_min > 0 else None
+    carry_from = args.carry_from if kind == "mgii" else None
+    supplement = args.supplement if kind == "mgii" and args.supplement > 0 else None
     if args.references_only:
         from iris_lab.builder import pair_older_responses
 
@@ -108,7 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         spec = make_spec(kind, n)
         topup = rf_topup_store_path(store)
         references = rf_reference_store_path(store)
+        extra = supplement_store_path(store)
         export(CheckpointStore(store, spec), out, command=command,
+               carry_from=carry_from,
+               supplement=(CheckpointStore(extra, supplement_spec(spec, supplement))
+                           if supplement and extra.exists() else None),
                rf_topup=(CheckpointStore(topup, rf_topup_spec(spec))
                          if kind == "mgii" and topup.exists() else None),
                rf_references=(CheckpointStore(references, rf_reference_spec(spec))
@@ -116,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         build_database(kind, n, out, scheduler=args.scheduler, workers=args.workers,
                        store=store, time_limit_s=args.time_limit, command=command,
-                       export_file=not args.no_export, rf_min=rf_min)
+                       export_file=not args.no_export, rf_min=rf_min,
+                       carry_from=carry_from, supplement=supplement)
         if args.no_export:
             return
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")

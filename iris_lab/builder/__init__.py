@@ -20,8 +20,9 @@ The package: :mod:`~iris_lab.builder.store` (the checkpoint store),
 :mod:`~iris_lab.builder.runner` (dask clusters, the chunk runner, process
 isolation), :mod:`~iris_lab.builder.specs` (seeds, set-ups, tasks),
 :mod:`~iris_lab.builder.chunks` (what a worker solves),
-:mod:`~iris_lab.builder.responses` (response functions and σ) and
-:mod:`~iris_lab.builder.export` (the shipped files); this module holds the
+:mod:`~iris_lab.builder.responses` (response functions and σ),
+:mod:`~iris_lab.builder.combine` (entries carried from an earlier export,
+supplements) and :mod:`~iris_lab.builder.export` (the shipped files); this module holds the
 build entry points and re-exports their API.
 
 Example
@@ -43,6 +44,14 @@ from iris_lab.builder.chunks import (  # noqa: F401 - the package's API
     flare_chunk,
     mgii_chunk,
     mgii_reference_chunk,
+)
+from iris_lab.builder.combine import (  # noqa: F401 - the package's API
+    SUPPLEMENT_SEED_OFFSET,
+    carried_chunks,
+    carry_earlier,
+    exact_outside,
+    supplement_spec,
+    supplement_store_path,
 )
 from iris_lab.builder.export import (  # noqa: F401 - the package's API
     export,
@@ -100,7 +109,9 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
                    synth: dict[str, Any] | None = None, rf_fraction: float = 0.1,
                    time_limit_s: float | None = None, progress: bool = True,
                    processes: bool = True, command: str | None = None,
-                   export_file: bool = True, rf_min: int | None = None) -> Path:
+                   export_file: bool = True, rf_min: int | None = None,
+                   carry_from: str | Path | None = None,
+                   supplement: int | None = None) -> Path:
     """Build (or resume) a database and export it to ``out``.
 
     Parameters
@@ -123,6 +134,18 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
         it, chunks whose responses are unpaired get their paired references
         (:func:`rf_reference_tasks`, store ``<store>_ref.parts``). Not used
         by :func:`build_interleaved`.
+    carry_from
+        Mg II database: an earlier export of the same build (its file, e.g.
+        ``out`` itself) whose chunks are not solved again when the store lacks
+        them; the export carries their entries
+        (:func:`~iris_lab.builder.combine.carry_earlier`). A build whose
+        checkpoints were lost resumes from its shipped file this way.
+    supplement
+        Mg II database: this many more atmospheres of another seed
+        (:func:`~iris_lab.builder.combine.supplement_spec`, store
+        ``<store>_extra.parts``), solved after the last entry and exported with
+        ids from ``n`` on, so that the database keeps at least ``n`` entries
+        when some solves do not converge.
 
     Example
     -------
@@ -134,18 +157,38 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
     store_path = Path(store) if store else Path("build") / f"{out.stem}.parts"
     ckpt = CheckpointStore(store_path, spec)
     tasks = make_tasks(spec)
+    carry_from = Path(carry_from) if carry_from is not None else None
+    if carry_from is not None and carry_from.exists():
+        carried = carried_chunks(carry_from, spec) - ckpt.done()
+        tasks = [(c, p) for c, p in tasks if c not in carried]
+        if carried:
+            ckpt.log({"status": "carried", "chunks": len(carried), "from": str(carry_from)})
+    else:
+        carry_from = None
     report = run_chunks(tasks, flare_chunk_isolated if kind == "flare" else mgii_chunk_isolated,
                         ckpt,
                         scheduler=scheduler, workers=workers, processes=processes,
                         time_limit_s=time_limit_s, progress=progress)
     ckpt.log({"status": "run", "done": len(report.done), "failed": len(report.failed),
               "skipped": len(report.skipped), "seconds": round(report.seconds, 1)})
+    complete = {c for c, _ in tasks} <= ckpt.done() and not report.stopped_early
+    extra = None
+    if kind == "mgii" and supplement:
+        extra = CheckpointStore(supplement_store_path(store_path),
+                                supplement_spec(spec, supplement))
+        if complete:
+            left = None if time_limit_s is None else time_limit_s - report.seconds
+            more = run_chunks(make_tasks(extra.spec), mgii_chunk_isolated, extra,
+                              scheduler=scheduler, workers=workers, processes=processes,
+                              time_limit_s=left, progress=progress)
+            extra.log({"status": "run", "done": len(more.done), "failed": len(more.failed),
+                       "seconds": round(more.seconds, 1)})
+            complete = not more.stopped_early
     topup = references = None
     if kind == "mgii" and rf_min:
         if not 0 < rf_min <= n:
             raise ValueError(f"rf_min must be in 1..{n}, not {rf_min}")
         path = rf_topup_store_path(store_path)
-        complete = len(ckpt.done()) >= len(tasks) and not report.stopped_early
         if complete or path.exists():
             topup = CheckpointStore(path, rf_topup_spec(spec))
         ref_path = rf_reference_store_path(store_path)
@@ -161,7 +204,9 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
         for _ in range(3 if complete else 0):  # entries that fail are replaced next round
             left = None if time_limit_s is None else \
                 time_limit_s - report.seconds - (time.monotonic() - start)
-            entries = rf_topup_plan(ckpt, topup, rf_min, references)
+            entries = rf_topup_plan(ckpt, topup, rf_min, references,
+                                    exact_elsewhere=exact_outside(spec, ckpt.done(),
+                                                                  carry_from, extra))
             if entries.size == 0 or (left is not None and left <= 0):
                 break
             top = run_chunks(rf_topup_tasks(topup.spec, entries), mgii_chunk_isolated, topup,
@@ -172,7 +217,8 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
             if top.stopped_early:
                 break
     if export_file and ckpt.done():
-        export(ckpt, out, command=command, rf_topup=topup, rf_references=references)
+        export(ckpt, out, command=command, rf_topup=topup, rf_references=references,
+               carry_from=carry_from, supplement=extra)
     return out
 
 

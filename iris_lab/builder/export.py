@@ -125,9 +125,40 @@ def _export_flare(ds: Any) -> Any:
     return out
 
 
+def _kept(store: CheckpointStore, dim: str) -> tuple[Any, int]:
+    """The converged entries (samples) of a store, and how many were solved."""
+    ds = store.load(dim, defaults={"rf_paired": False} if dim == "entry" else None)
+    n_total = ds.sizes[dim]
+    ds = ds.isel({dim: np.flatnonzero(ds["converged"].values.astype(bool))})
+    return ds.drop_vars([v for v in ("message",) if v in ds]), n_total
+
+
+def _mgii_store(store: CheckpointStore, rf_topup: CheckpointStore | None = None,
+                rf_references: CheckpointStore | None = None) -> tuple[Any, dict[str, str], int]:
+    """A Mg II store's converged entries with its references and top-up merged,
+    through :func:`_export_mgii` (σ not yet filled)."""
+    ds, n_total = _kept(store, "entry")
+    info: dict[str, str] = {}
+    if rf_references is not None and any(iter_chunk_files(rf_references.path)):
+        if rf_references.spec.get("base") != store.spec:
+            raise ValueError("the paired references belong to another build")
+        ds, more = merge_rf_references(ds, rf_references.load("entry"))
+        info.update(more)
+    if rf_topup is not None and any(rf_topup.path.glob("chunk_*.nc")):
+        if rf_topup.spec.get("base") != store.spec:
+            raise ValueError("the response-function top-up belongs to another build")
+        ds, more = merge_rf_topup(ds, rf_topup.load("entry", defaults={"rf_paired": False}))
+        info.update(more)
+    ds, more = _export_mgii(ds)
+    info.update(more)
+    return ds, info, n_total
+
+
 def export(store: CheckpointStore, out: str | Path, *, command: str | None = None,
            fill_sigma: bool = True, rf_topup: CheckpointStore | None = None,
-           rf_references: CheckpointStore | None = None) -> Path:
+           rf_references: CheckpointStore | None = None,
+           carry_from: str | Path | None = None,
+           supplement: CheckpointStore | None = None) -> Path:
     """Write the finished chunks of a store as the shipped netCDF file.
 
     The instrument is applied here (IRIS NUV degradation for Mg II, CRISP
@@ -139,31 +170,23 @@ def export(store: CheckpointStore, out: str | Path, *, command: str | None = Non
     (:func:`rf_topup_spec`), merged by :func:`merge_rf_topup` when it has
     finished chunks; ``rf_references``: the paired references of older
     chunks (:func:`rf_reference_spec`), merged by :func:`merge_rf_references`.
-    Only paired responses give exact σ.
+    Only paired responses give exact σ. ``carry_from``: an earlier export of
+    the same Mg II build, whose entries in chunks the store lacks are carried
+    (:func:`~iris_lab.builder.combine.carry_earlier`); ``supplement``: the
+    store of supplementary entries (:func:`~iris_lab.builder.combine.supplement_spec`),
+    exported with ids after the database's. The per-entry ``seed`` says which
+    draw an entry comes from.
     """
     spec = store.spec
-    dim = "sample" if spec["kind"] == "flare" else "entry"
-    ds = store.load(dim, defaults={"rf_paired": False} if spec["kind"] == "mgii" else None)
-    n_total = ds.sizes[dim]
-    keep = ds["converged"].values.astype(bool)
-    ds = ds.isel({dim: np.flatnonzero(keep)})
-    ds = ds.drop_vars([v for v in ("message",) if v in ds])
     attrs = provenance(spec, command)
-    attrs.update({"n_solved": str(n_total), "n_not_converged": str(int(n_total - keep.sum())),
-                  "n_kept": str(int(keep.sum())),
-                  "solve_seconds_total": f"{float(ds['solve_seconds'].sum()):.0f}"})
-    for record in store.imported():
-        setup = record.get("synth") or {}
-        attrs["chunks_from_other_setup"] = (
-            f"chunks {record['chunks']} solved with n_rays={setup.get('n_rays')}, "
-            f"prd={setup.get('prd')}: {record.get('note', '')}")
     if spec["kind"] == "flare":
+        ds, n_total = _kept(store, "sample")
         ds = _export_flare(ds)
         seqs = np.unique(ds["sequence"].values)
         rng = np.random.default_rng(spec["seed"] + 11)
         all_seq = np.arange(int(np.ceil(spec["n"] / spec["chunk_size"])))
         held = set(rng.choice(all_seq, size=max(1, round(0.2 * all_seq.size)), replace=False))
-        ds["held_out"] = (dim, np.array([s in held for s in ds["sequence"].values]))
+        ds["held_out"] = ("sample", np.array([s in held for s in ds["sequence"].values]))
         ds["held_out"].attrs["description"] = "20% of the sequences, seeded, whole sequences"
         attrs.update({"line_centre_halpha_vacuum_aa": "6564.61",
                       "line_centre_halpha_air_aa": "6562.80",
@@ -171,21 +194,40 @@ def export(store: CheckpointStore, out: str | Path, *, command: str | None = Non
                       "line_centre_ca8542_air_aa": "8542.09",
                       "n_sequences": str(seqs.size)})
     else:
-        if rf_references is not None and any(iter_chunk_files(rf_references.path)):
-            if rf_references.spec.get("base") != store.spec:
-                raise ValueError("the paired references belong to another build")
-            ds, info = merge_rf_references(ds, rf_references.load("entry"))
-            attrs.update(info)
-        if rf_topup is not None and any(rf_topup.path.glob("chunk_*.nc")):
-            if rf_topup.spec.get("base") != store.spec:
-                raise ValueError("the response-function top-up belongs to another build")
-            ds, info = merge_rf_topup(ds, rf_topup.load("entry", defaults={"rf_paired": False}))
-            attrs.update(info)
-        ds, info = _export_mgii(ds)
+        from iris_lab.builder.combine import carry_earlier, concat_entries, offset_supplement
+
+        ds, info, n_total = _mgii_store(store, rf_topup, rf_references)
         attrs.update(info)
+        if carry_from is not None:
+            ds, info, n_carried = carry_earlier(ds, carry_from, spec, store.done())
+            attrs.update(info)
+            n_total += n_carried
+        seed = np.full(ds.sizes["entry"], spec["seed"], dtype=np.int32)
+        if supplement is not None and any(iter_chunk_files(supplement.path)):
+            extra, _, n_extra = _mgii_store(supplement)
+            extra = offset_supplement(extra, spec)
+            ds = concat_entries(ds, extra)
+            seed = np.concatenate([seed, np.full(extra.sizes["entry"],
+                                                 supplement.spec["seed"], dtype=np.int32)])
+            n_total += n_extra
+            attrs["supplement"] = (
+                f"entries {spec['n']}+: {extra.sizes['entry']} of {n_extra} solved of "
+                f"{supplement.spec['n']} atmospheres drawn with seed {supplement.spec['seed']} "
+                "(builder.supplement_spec), so that the database keeps its target size "
+                "after the solves that do not converge")
+        ds["seed"] = ("entry", seed, {"long_name": "seed of the atmosphere draw"})
         if fill_sigma:
             ds, info = fill_sigma_regression(ds)
             attrs.update(info)
+    dim = "sample" if spec["kind"] == "flare" else "entry"
+    attrs.update({"n_solved": str(n_total), "n_kept": str(ds.sizes[dim]),
+                  "n_not_converged": str(int(n_total - ds.sizes[dim])),
+                  "solve_seconds_total": f"{float(ds['solve_seconds'].sum()):.0f}"})
+    for record in store.imported():
+        setup = record.get("synth") or {}
+        attrs["chunks_from_other_setup"] = (
+            f"chunks {record['chunks']} solved with n_rays={setup.get('n_rays')}, "
+            f"prd={setup.get('prd')}: {record.get('note', '')}")
     ds.attrs = attrs
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,3 +237,4 @@ def export(store: CheckpointStore, out: str | Path, *, command: str | None = Non
     ds.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
     os.replace(tmp, out)
     return out
+

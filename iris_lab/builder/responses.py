@@ -357,16 +357,21 @@ def _entry_flags(store: CheckpointStore, n: int, references: CheckpointStore | N
 
 
 def rf_topup_plan(main: CheckpointStore, topup: CheckpointStore, n_exact: int,
-                  references: CheckpointStore | None = None) -> np.ndarray:
+                  references: CheckpointStore | None = None, *,
+                  exact_elsewhere: int = 0) -> np.ndarray:
     """Entries the top-up still has to solve for ``n_exact`` exact entries in all,
     from what the stores hold (entries that failed in the top-up are not
     tried again; the next draws take their place). Responses count when
-    paired, in the main store itself or by ``references``."""
+    paired, in the main store itself or by ``references``;
+    ``exact_elsewhere`` entries with exact σ outside the store count too
+    (:func:`~iris_lab.builder.combine.exact_outside`). Only entries the main
+    store holds converged are chosen."""
     n = main.spec["n"]
     _, converged, done = _entry_flags(main, n, references)
     tried, _, top_done = _entry_flags(topup, n)
-    return rf_topup_entries(main.spec, n_exact, exact=done | (top_done & converged),
-                            tried=tried, eligible=converged)
+    return rf_topup_entries(main.spec, int(n_exact) - int(exact_elsewhere),
+                            exact=done | (top_done & converged), tried=tried,
+                            eligible=converged)
 
 
 def merge_rf_topup(ds: Any, topup: Any) -> tuple[Any, dict[str, str]]:
