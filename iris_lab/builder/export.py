@@ -50,14 +50,13 @@ def provenance(spec: dict[str, Any], command: str | None = None) -> dict[str, st
 
 
 def _apply_rows(fn: Callable[[np.ndarray], np.ndarray], values: np.ndarray) -> np.ndarray:
-    """Apply a 1-D instrument function to every row (NaN rows stay NaN)."""
-    out = None
-    for i, row in enumerate(values):
-        result = np.asarray(fn(row), dtype=np.float64)
-        if out is None:
-            out = np.full((values.shape[0], result.size), np.nan)
-        out[i] = result if np.all(np.isfinite(row)) else np.nan
-    return out if out is not None else np.zeros((0, 0))
+    """Apply a linear instrument function to all spectra ``(..., n)`` in one call;
+    a spectrum with any NaN gives a NaN row."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~np.all(np.isfinite(values), axis=-1)
+    out = np.array(fn(np.where(bad[..., None], 0.0, values)), dtype=np.float64)
+    out[bad] = np.nan
+    return out
 
 
 def _export_mgii(ds: Any) -> tuple[Any, dict[str, str]]:
@@ -78,8 +77,9 @@ def _export_mgii(ds: Any) -> tuple[Any, dict[str, str]]:
     paired = (ds["rf_paired"].values.astype(bool) if "rf_paired" in ds
               else np.zeros(n, bool))
     usable = ds["rf_done"].values.astype(bool) & paired
-    for i in np.flatnonzero(usable):
-        perturbed = _apply_rows(degrade, ds["rf_spectrum"].values[i].astype(np.float64))
+    rows = np.flatnonzero(usable)
+    perturbed_all = _apply_rows(degrade, ds["rf_spectrum"].values[rows])
+    for i, perturbed in zip(rows, perturbed_all, strict=True):
         sig = sigma_from_responses(profile[i], perturbed,
                                    ds["temperature"].values[i].astype(np.float64),
                                    IRIS2_LOG_TAU)
