@@ -139,7 +139,8 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
         ``out`` itself) whose chunks are not solved again when the store lacks
         them; the export carries their entries
         (:func:`~iris_lab.builder.combine.carry_earlier`). A build whose
-        checkpoints were lost resumes from its shipped file this way.
+        checkpoints were lost resumes from its shipped file this way; a file
+        that does not exist yet (a first build) is ignored.
     supplement
         Mg II database: this many more atmospheres of another seed
         (:func:`~iris_lab.builder.combine.supplement_spec`, store
