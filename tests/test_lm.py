@@ -221,11 +221,18 @@ def test_dataset_save_load_roundtrip(tmp_path):
                                              start_of(truth),
                                              parameter_names=["depth", "shift", "width", "slope"])
     ds = lm.to_dataset(batch_shape=(2, 3), batch_dims=("y", "x"))
-    assert ds["x"].dims == ("y", "x", "parameter") and ds["quality"].attrs["flag_meanings"]
+    assert ds["best_fit"].dims == ("y", "x", "parameter") and ds["quality"].attrs["flag_meanings"]
+    assert ds["x"].dims == ("x",)                 # the pixel dimension keeps its name
     path = lm.save(tmp_path / "fit.nc", batch_shape=(2, 3), batch_dims=("y", "x"))
     back = LevenbergMarquardt.load(path)
     assert torch.allclose(back.x_, lm.x_) and back.result_.parameter_names[0] == "depth"
     assert back.max_iter == 40
+    # files of the older layout named the parameters "x"
+    import xarray as xr
+
+    with xr.open_dataset(path, engine="h5netcdf") as old:
+        old.load().rename_vars(best_fit="x").to_netcdf(tmp_path / "old.nc", engine="h5netcdf")
+    assert torch.allclose(LevenbergMarquardt.load(tmp_path / "old.nc").x_, lm.x_)
 
 
 def test_bad_input_raises():

@@ -411,7 +411,10 @@ class LMResult:
             Reshape the pixel axis, e.g. ``(ny, nx)`` with dims ``("y", "x")``;
             default one ``pixel`` dimension.
         units
-            Units per parameter name (attrs of ``x``/``sigma`` list them).
+            Units per parameter name (attrs of ``best_fit``/``sigma`` list them).
+
+        The best-fit parameters are ``best_fit`` (files written before were
+        ``x``, a name that clashed with an ``x`` pixel dimension; both are read).
         """
         import xarray as xr
 
@@ -428,8 +431,9 @@ class LMResult:
         unit_list = ", ".join((units or {}).get(name, "") or "1" for name in self.parameter_names)
         ds = xr.Dataset(
             {
-                "x": (dims + ("parameter",), arr(self.x, n),
-                      {"long_name": "best-fit parameters", "units_per_parameter": unit_list}),
+                "best_fit": (dims + ("parameter",), arr(self.x, n),
+                             {"long_name": "best-fit parameters",
+                              "units_per_parameter": unit_list}),
                 "sigma": (dims + ("parameter",), arr(self.sigma, n),
                           {"long_name": "1-sigma uncertainty (inverse Hessian)",
                            "units_per_parameter": unit_list}),
@@ -668,7 +672,8 @@ class LevenbergMarquardt:
 
         with xr.open_dataset(path, engine="h5netcdf") as ds:
             ds = ds.load()
-        if ds.attrs.get("method") != "levenberg_marquardt" or "x" not in ds:
+        best = _best_fit_name(ds)
+        if ds.attrs.get("method") != "levenberg_marquardt" or best is None:
             raise ValueError(f"{path} is not a Levenberg–Marquardt result file")
         params = {k: ds.attrs[k] for k in cls().get_params() if k in ds.attrs
                   and k not in ("device", "dtype", "jacobian")}
@@ -679,7 +684,7 @@ class LevenbergMarquardt:
             return torch.as_tensor(ds[name].values.reshape(-1, *tail))
 
         self._set_result(LMResult(
-            x=t("x", n), sigma=t("sigma", n), chi2=t("chi2"), chi2_reduced=t("chi2_reduced"),
+            x=t(best, n), sigma=t("sigma", n), chi2=t("chi2"), chi2_reduced=t("chi2_reduced"),
             model=torch.empty(0), quality=t("quality").to(torch.int64), n_iter=t("n_iter"),
             lam=t("marquardt_lambda"), parameter_names=[str(v) for v in ds.parameter.values]))
         return self
@@ -910,12 +915,21 @@ class LevenbergMarquardt:
 
         with xr.open_dataset(path, engine="h5netcdf") as ds:
             ds = ds.load()
-        if "completed_cycle" not in ds.attrs or "x" not in ds:
+        best = _best_fit_name(ds)
+        if "completed_cycle" not in ds.attrs or best is None:
             raise ValueError(f"{path} is not a Levenberg–Marquardt checkpoint")
-        x = torch.as_tensor(ds["x"].values, dtype=self.dtype, device=self.device)
+        x = torch.as_tensor(ds[best].values, dtype=self.dtype, device=self.device)
         if x.shape[0] != n_pix:
             raise ValueError(f"checkpoint {path} has {x.shape[0]} pixels, data have {n_pix}")
         return int(ds.attrs["completed_cycle"]), x
+
+
+def _best_fit_name(ds: Any) -> str | None:
+    """Name of the best-fit parameters in a result file (``x`` in older files)."""
+    for name in ("best_fit", "x"):
+        if name in ds.variables and "parameter" in ds[name].dims:
+            return name
+    return None
 
 
 def hessian_sigma(jw: torch.Tensor, chi2: torch.Tensor, dof: torch.Tensor) -> torch.Tensor:
