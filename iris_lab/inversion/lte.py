@@ -346,8 +346,9 @@ def invert_hinode_mode1(path: str, profile_path: str, *, nodes: Mapping | None =
     On the shipped 5 × 5 quiet-Sun sample, χ²_ν after 10 iterations is about
     90 (median of the 25 pixels), and 97 % of it is Stokes I: its rms residual
     is 14–22 σ (median 19 σ), largest in the core of Fe I 6302.5 Å, while Q, U
-    and V fit to 0.9–1.0 σ (they hold little signal above the noise here). One LTE component with three temperature nodes and these
-    atomic data cannot reproduce the cores; four or five temperature nodes lower
+    and V fit to 0.9–1.0 σ (they hold little signal above the noise here).
+    One LTE component with three temperature nodes and these atomic data
+    cannot reproduce the cores; four or five temperature nodes lower
     χ²_ν to about 50 and 40 but give temperatures that fall with depth between
     log τ −2 and −1 or run to their bounds at the top node.
     """
