@@ -1,9 +1,7 @@
 """Tests of the Hinode/SP reader, instrument profile, noise estimate and the LTE
-forward model used by the inversions (real data in ../shared/data)."""
+forward model used by the inversions (the real sample shipped in iris_lab/data)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +13,10 @@ from iris_lab.io.hinode import (
     instrument_matrix,
     read_hinode_sp,
     read_instrument_profile,
+    shipped_sample,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CUBE = DATA / "hinode_sp_20130912_5x5.fits"
-PROFILE = DATA / "hinode_sp_instrument_profile.dat"
+CUBE, PROFILE = shipped_sample()
 
 
 @pytest.fixture(scope="module")

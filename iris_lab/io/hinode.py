@@ -10,11 +10,14 @@ two-column spectral profile (Δλ [Å], relative transmission) and
 grid onto the observed samples. :func:`estimate_noise` measures the noise
 from the scatter of Q and U in line-free windows.
 
+A real sample ships with the package (:func:`shipped_sample`: 5 × 5 pixels
+of Hinode/SP, 2013-09-12, and the SP instrument profile).
+
 Example
 -------
->>> from iris_lab.io.hinode import read_hinode_sp  # doctest: +SKIP
->>> obs = read_hinode_sp("hinode_sp_20130912_5x5.fits")  # doctest: +SKIP
->>> obs["spectra"].dims  # doctest: +SKIP
+>>> from iris_lab.io.hinode import read_hinode_sp, shipped_sample
+>>> cube, profile = shipped_sample()
+>>> read_hinode_sp(cube)["spectra"].dims
 ('y', 'x', 'stokes', 'wavelength')
 """
 
@@ -29,6 +32,20 @@ import numpy as np
 FE_6301 = 6301.5008
 FE_6302 = 6302.4936
 TELLURIC_O2 = (6302.0005, 6302.7640)
+
+
+def shipped_sample() -> tuple[Path, Path]:
+    """Paths of the real Hinode/SP sample shipped in ``iris_lab/data``: the cube
+    (5 × 5 pixels, 112 wavelengths around Fe I 6301/6302 Å, 2013-09-12) and
+    the SP instrument profile (provenance in ``iris_lab/data/README.md``).
+
+    Example
+    -------
+    >>> [p.name for p in shipped_sample()]
+    ['hinode_sp_20130912_5x5.fits', 'hinode_sp_instrument_profile.dat']
+    """
+    data = Path(__file__).resolve().parent.parent / "data"
+    return data / "hinode_sp_20130912_5x5.fits", data / "hinode_sp_instrument_profile.dat"
 
 
 def read_hinode_sp(path: str | PathLike):
