@@ -123,37 +123,47 @@ def _scaling_tasks(n_chunks: int, per_chunk: int):
     return tasks
 
 
-def scaling(n_chunks: int = 4, per_chunk: int = 2) -> list[str]:
+def scaling(n_chunks: int = 8, per_chunk: int = 2, repeats: int = 3) -> list[str]:
+    """Atmospheres per hour with 1 and 2 local workers and through a scheduler
+    address: one untimed warm-up run (imports, atom files, disk cache), then
+    ``repeats`` rounds of the three runs in turn; medians (min–max)."""
     from iris_lab.builder import CheckpointStore, flare_chunk_isolated, local_cluster, run_chunks
 
     tasks = _scaling_tasks(n_chunks, per_chunk)
     n_atm = n_chunks * per_chunk
-    rows = ["| run | workers | atmospheres | wall [s] | atmospheres / hour | efficiency |",
-            "|---|---|---|---|---|---|"]
-    rates = {}
+    configs = (("LocalCluster", 1, False), ("LocalCluster", 2, False),
+               ("scheduler address", 2, True))
+    walls: dict[tuple[str, int], list[float]] = {(label, w): [] for label, w, _ in configs}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, workers, scheduler in (("LocalCluster", 1, False),
-                                          ("LocalCluster", 2, False),
-                                          ("scheduler address", 2, True)):
-            store = CheckpointStore(Path(tmp) / f"{label}-{workers}", {"bench": label,
-                                                                        "w": workers})
-            cluster = None
-            if scheduler:
-                cluster = local_cluster(workers)
+        def run(label: str, workers: int, scheduler: bool, todo, name: str) -> float:
+            store = CheckpointStore(Path(tmp) / name, {"bench": name})
+            cluster = local_cluster(workers) if scheduler else None
             t0 = time.perf_counter()
-            report = run_chunks(tasks, flare_chunk_isolated, store, workers=workers,
-                                progress=False,
-                                scheduler=cluster.scheduler_address if cluster else None)
+            run_chunks(todo, flare_chunk_isolated, store, workers=workers, progress=False,
+                       scheduler=cluster.scheduler_address if cluster else None)
             wall = time.perf_counter() - t0
             if cluster is not None:
                 cluster.close()
-            rate = n_atm / wall * 3600
-            rates[(label, workers)] = rate
-            base = rates.get(("LocalCluster", 1))
-            eff = f"{rate / (workers * base):.2f}" if base and workers > 1 else "—"
-            rows.append(f"| {label} | {workers} | {n_atm} ({len(report.done)} chunks) | "
-                        f"{wall:.0f} | {rate:.0f} | {eff} |")
-            print(rows[-1], flush=True)
+            return wall
+
+        run("warm-up", 2, False, tasks[:2], "warm-up")
+        for r in range(repeats):
+            for label, workers, scheduler in configs:
+                wall = run(label, workers, scheduler, tasks, f"{label}-{workers}-{r}")
+                walls[(label, workers)].append(wall)
+                print(f"round {r}: {label}, {workers} workers: {wall:.1f} s", flush=True)
+    rows = [f"{n_atm} atmospheres ({n_chunks} chunks of {per_chunk}), {repeats} rounds; "
+            "median (min–max)",
+            "| run | workers | wall [s] | atmospheres / hour | efficiency |",
+            "|---|---|---|---|---|"]
+    base = float(np.median(walls[("LocalCluster", 1)]))
+    for label, workers, _ in configs:
+        w = np.asarray(walls[(label, workers)])
+        med = float(np.median(w))
+        eff = (f"{base / (workers * med):.2f} ({base / (workers * w.max()):.2f}–"
+               f"{base / (workers * w.min()):.2f})" if workers > 1 else "—")
+        rows.append(f"| {label} | {workers} | {med:.1f} ({w.min():.1f}–{w.max():.1f}) | "
+                    f"{n_atm / med * 3600:.0f} | {eff} |")
     return rows
 
 

@@ -211,10 +211,10 @@ def export(store: CheckpointStore, out: str | Path, *, command: str | None = Non
                                                  supplement.spec["seed"], dtype=np.int32)])
             n_total += n_extra
             attrs["supplement"] = (
-                f"entries {spec['n']}+: {extra.sizes['entry']} of {n_extra} solved of "
-                f"{supplement.spec['n']} atmospheres drawn with seed {supplement.spec['seed']} "
-                "(builder.supplement_spec), so that the database keeps its target size "
-                "after the solves that do not converge")
+                f"entries {spec['n']}+: {extra.sizes['entry']} converged of {n_extra} solved "
+                f"(of {supplement.spec['n']}) atmospheres drawn with seed "
+                f"{supplement.spec['seed']} (builder.supplement_spec), so that the database "
+                "keeps its target size after the solves that do not converge")
         ds["seed"] = ("entry", seed, {"long_name": "seed of the atmosphere draw"})
         if fill_sigma:
             ds, info = fill_sigma_regression(ds)
