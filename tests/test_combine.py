@@ -115,6 +115,16 @@ def test_carry_earlier_resumes_a_lost_store(tmp_path, analytic):
     twice = xr.open_dataset(export(again, tmp_path / "out.nc", carry_from=tmp_path / "out.nc"))
     np.testing.assert_array_equal(twice["profile"].values, out["profile"].values)
     assert twice.attrs["carried_build_date"] == out.attrs["carried_build_date"]
+    # the store's own provenance (here a top-up of its entries) is not mistaken for
+    # the carried entries'
+    with_topup = out.copy()
+    with_topup.attrs["rf_topup_entries"] = "3"
+    with_topup.to_netcdf(tmp_path / "with_topup.nc", engine="h5netcdf")
+    third = xr.open_dataset(export(again, tmp_path / "third.nc",
+                                   carry_from=tmp_path / "with_topup.nc"))
+    assert "carried_rf_topup_entries" not in third.attrs
+    assert {k for k in third.attrs if k.startswith("carried_")} == \
+        {k for k in out.attrs if k.startswith("carried_")}
 
 
 def test_carry_refuses_another_build(tmp_path, analytic):

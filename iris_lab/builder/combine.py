@@ -143,8 +143,11 @@ def carry_earlier(ds: Any, earlier: str | Path, spec: dict[str, Any], solved: se
             "carried_from": (f"{chunks.size} chunks ({old.sizes['entry']} entries, "
                              f"{int(exact.sum())} with exact sigma) from an earlier export "
                              "of this build, whose checkpoints were not kept")}
-    for key in _CARRIED_ATTRS:  # a re-export keeps what the first carried
-        value = old.attrs.get(f"carried_{key}", old.attrs.get(key))
+    # an export that carried entries itself describes them by its carried_* attributes
+    # (its plain ones describe its store); an export of a store alone, by its plain ones
+    prefix = "carried_" if "carried_from" in old.attrs else ""
+    for key in _CARRIED_ATTRS:
+        value = old.attrs.get(prefix + key)
         if value is not None:
             info[f"carried_{key}"] = str(value)
     return combined, info, n_solved
