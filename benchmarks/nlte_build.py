@@ -135,7 +135,7 @@ def scaling(n_chunks: int = 8, per_chunk: int = 2, repeats: int = 3) -> list[str
                ("scheduler address", 2, True))
     walls: dict[tuple[str, int], list[float]] = {(label, w): [] for label, w, _ in configs}
     with tempfile.TemporaryDirectory() as tmp:
-        def run(label: str, workers: int, scheduler: bool, todo, name: str) -> float:
+        def run(workers: int, scheduler: bool, todo, name: str) -> float:
             store = CheckpointStore(Path(tmp) / name, {"bench": name})
             cluster = local_cluster(workers) if scheduler else None
             t0 = time.perf_counter()
@@ -146,22 +146,23 @@ def scaling(n_chunks: int = 8, per_chunk: int = 2, repeats: int = 3) -> list[str
                 cluster.close()
             return wall
 
-        run("warm-up", 2, False, tasks[:2], "warm-up")
+        run(2, False, tasks[:2], "warm-up")
         for r in range(repeats):
             for label, workers, scheduler in configs:
-                wall = run(label, workers, scheduler, tasks, f"{label}-{workers}-{r}")
+                wall = run(workers, scheduler, tasks, f"{label}-{workers}-{r}")
                 walls[(label, workers)].append(wall)
                 print(f"round {r}: {label}, {workers} workers: {wall:.1f} s", flush=True)
     rows = [f"{n_atm} atmospheres ({n_chunks} chunks of {per_chunk}), {repeats} rounds; "
-            "median (min–max)",
+            "median (min–max); efficiency per round against that round's one-worker run",
             "| run | workers | wall [s] | atmospheres / hour | efficiency |",
             "|---|---|---|---|---|"]
-    base = float(np.median(walls[("LocalCluster", 1)]))
+    one = np.asarray(walls[("LocalCluster", 1)])
     for label, workers, _ in configs:
         w = np.asarray(walls[(label, workers)])
         med = float(np.median(w))
-        eff = (f"{base / (workers * med):.2f} ({base / (workers * w.max()):.2f}–"
-               f"{base / (workers * w.min()):.2f})" if workers > 1 else "—")
+        per_round = one / (workers * w)  # each round against that round's one-worker run
+        eff = (f"{np.median(per_round):.2f} ({per_round.min():.2f}–{per_round.max():.2f})"
+               if workers > 1 else "—")
         rows.append(f"| {label} | {workers} | {med:.1f} ({w.min():.1f}–{w.max():.1f}) | "
                     f"{n_atm / med * 3600:.0f} | {eff} |")
     return rows

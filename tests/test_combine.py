@@ -201,3 +201,37 @@ def test_build_database_solves_only_what_the_earlier_export_lacks(tmp_path, anal
     ds = xr.open_dataset(out)
     assert ds["entry"].values.tolist() == list(range(N + 4))
     assert ds.attrs["n_solved"] == str(N + 4) and ds.attrs["carried_entries"] == "16"
+
+
+def test_a_fully_carried_build_still_exports_and_a_partial_export_is_refused(
+        tmp_path, analytic, monkeypatch):
+    """An earlier export that holds every chunk leaves the store empty: the build
+    solves only the supplement and exports all of it. Exporting a resumed store
+    without its earlier file, or a file with supplementary entries without the
+    supplement, is an error rather than a smaller database."""
+    import iris_lab.builder as builder
+
+    spec = _spec()
+    full = CheckpointStore(tmp_path / "full.parts", spec)
+    _fill(full)
+    earlier = export(full, tmp_path / "db.nc")
+    monkeypatch.setattr(builder, "mgii_chunk_isolated", mgii_chunk)
+    out = build_database("mgii", N, tmp_path / "db.nc", store=tmp_path / "new.parts",
+                         chunk_size=CHUNK, rf_fraction=0.4, workers=1, processes=False,
+                         progress=False, carry_from=earlier, supplement=4)
+    store = CheckpointStore(tmp_path / "new.parts", spec)
+    assert store.done() == set()
+    ds = xr.open_dataset(out)
+    assert ds["entry"].values.tolist() == list(range(N + 4))
+    assert ds.attrs["n_solved"] == str(N + 4) and ds.attrs["carried_entries"] == str(N)
+    extra = CheckpointStore(tmp_path / "new_extra.parts", supplement_spec(spec, 4))
+    with pytest.raises(ValueError, match="supplement"):
+        export(store, tmp_path / "x.nc", carry_from=out)
+    _fill(store, chunks={0})
+    store.log({"status": "carried", "chunks": 5, "from": str(out)})
+    with pytest.raises(ValueError, match="carry_from"):
+        export(store, tmp_path / "x.nc", supplement=extra)
+    again = xr.open_dataset(export(store, tmp_path / "x.nc", carry_from=out, supplement=extra))
+    assert again["entry"].values.tolist() == list(range(N + 4))
+    with pytest.raises(ValueError, match="Mg II"):
+        build_database("flare", 20, tmp_path / "f.nc", carry_from=out)

@@ -54,7 +54,7 @@ def _result(ny: int = 3, nx: int = 4) -> xr.Dataset:
         coords={"log_tau_map": [-1.0, 0.0], "stokes": list("IQUV"),
                 "wavelength": ("wavelength", wave, {"units": "Angstrom"}),
                 "parameter": ["temperature_0", "b_field_0"],
-                "x": (("y", "x", "parameter"), np.zeros((ny, nx, 2)))},
+                "best_fit": (("y", "x", "parameter"), np.zeros((ny, nx, 2)))},
         attrs={"noise_sigma": SIGMA, "stokes_weight": [1.0, 4.0, 4.0, 2.0]})
     return ds
 

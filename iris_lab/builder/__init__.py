@@ -152,6 +152,14 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
     -------
     >>> build_database("mgii", 1000, "iris_lab/data/mgii_database.nc")  # doctest: +SKIP
     """
+    if kind != "mgii" and (carry_from is not None or supplement):
+        raise ValueError("carry_from and supplement belong to the Mg II database "
+                         f"(kind 'mgii'), not to {kind!r}")
+    t_start = time.monotonic()
+
+    def left() -> float | None:
+        return None if time_limit_s is None else time_limit_s - (time.monotonic() - t_start)
+
     spec = make_spec(kind, n, seed=seed, chunk_size=chunk_size, synth=synth,
                      rf_fraction=rf_fraction)
     out = Path(out)
@@ -177,14 +185,14 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
     if kind == "mgii" and supplement:
         extra = CheckpointStore(supplement_store_path(store_path),
                                 supplement_spec(spec, supplement))
-        if complete:
-            left = None if time_limit_s is None else time_limit_s - report.seconds
-            more = run_chunks(make_tasks(extra.spec), mgii_chunk_isolated, extra,
+        extra_tasks = make_tasks(extra.spec)
+        if complete and (left() is None or left() > 0):
+            more = run_chunks(extra_tasks, mgii_chunk_isolated, extra,
                               scheduler=scheduler, workers=workers, processes=processes,
-                              time_limit_s=left, progress=progress)
+                              time_limit_s=left(), progress=progress)
             extra.log({"status": "run", "done": len(more.done), "failed": len(more.failed),
                        "seconds": round(more.seconds, 1)})
-            complete = not more.stopped_early
+        complete = complete and {c for c, _ in extra_tasks} <= extra.done()
     topup = references = None
     if kind == "mgii" and rf_min:
         if not 0 < rf_min <= n:
@@ -195,29 +203,25 @@ def build_database(kind: Kind, n: int, out: str | Path, *, scheduler: str | None
         ref_path = rf_reference_store_path(store_path)
         if complete or ref_path.exists():
             references = CheckpointStore(ref_path, rf_reference_spec(spec))
-        start = time.monotonic()
         if complete:
             ref = pair_older_responses(ckpt, references, scheduler=scheduler, workers=workers,
                                        processes=processes, progress=progress,
-                                       time_limit_s=None if time_limit_s is None
-                                       else time_limit_s - report.seconds)
+                                       time_limit_s=left())
             complete = not ref.stopped_early
         for _ in range(3 if complete else 0):  # entries that fail are replaced next round
-            left = None if time_limit_s is None else \
-                time_limit_s - report.seconds - (time.monotonic() - start)
             entries = rf_topup_plan(ckpt, topup, rf_min, references,
                                     exact_elsewhere=exact_outside(spec, ckpt.done(),
                                                                   carry_from, extra))
-            if entries.size == 0 or (left is not None and left <= 0):
+            if entries.size == 0 or (left() is not None and left() <= 0):
                 break
             top = run_chunks(rf_topup_tasks(topup.spec, entries), mgii_chunk_isolated, topup,
                              scheduler=scheduler, workers=workers, processes=processes,
-                             time_limit_s=left, progress=progress)
+                             time_limit_s=left(), progress=progress)
             topup.log({"status": "rf top-up", "done": len(top.done),
                        "failed": len(top.failed), "seconds": round(top.seconds, 1)})
             if top.stopped_early:
                 break
-    if export_file and ckpt.done():
+    if export_file and (ckpt.done() or carry_from is not None):
         export(ckpt, out, command=command, rf_topup=topup, rf_references=references,
                carry_from=carry_from, supplement=extra)
     return out

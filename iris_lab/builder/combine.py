@@ -12,6 +12,7 @@ import numpy as np
 
 from iris_lab.builder.responses import _companion_store_path
 from iris_lab.builder.specs import SEEDS, make_spec
+from iris_lab.builder.store import CheckpointStore
 
 #: A supplement of a Mg II database is drawn with the database's seed plus this.
 SUPPLEMENT_SEED_OFFSET = 100
@@ -50,8 +51,21 @@ def supplement_spec(base: dict[str, Any], n: int) -> dict[str, Any]:
 
 
 def supplement_store_path(store: str | Path) -> Path:
-    """Where the supplement of a store goes: ``<name>_extra.parts``."""
+    """Where the supplement of a store goes: ``<name>_extra.parts``.
+
+    Example
+    -------
+    >>> supplement_store_path("build/mgii_database.parts").name
+    'mgii_database_extra.parts'
+    """
     return _companion_store_path(store, "_extra")
+
+
+def _carried_mask(entries: np.ndarray, spec: dict[str, Any], solved: set[int]) -> np.ndarray:
+    """Entries of an earlier export that are carried: the build's own (id < n) in
+    chunks the store does not hold."""
+    entries = np.asarray(entries).astype(int)
+    return (entries < spec["n"]) & ~np.isin(entries // spec["chunk_size"], sorted(solved))
 
 
 def _expected_attrs(spec: dict[str, Any]) -> dict[str, str]:
@@ -70,13 +84,24 @@ def carried_chunks(earlier: str | Path, spec: dict[str, Any]) -> set[int]:
     ValueError
         When the file is another build (other atmospheres or set-up) or is not
         an export of a Mg II database.
+
+    Notes
+    -----
+    A chunk none of whose entries converged is not in the export, so a
+    resumed build solves it again.
+
+    Example
+    -------
+    >>> carried_chunks("iris_lab/data/mgii_database.nc",
+    ...                make_spec("mgii", 1000)) == set(range(250))  # doctest: +SKIP
+    True
     """
     import xarray as xr
 
     with xr.open_dataset(earlier, engine="h5netcdf") as ds:
         _check_same_build(ds.attrs, spec, earlier)
         entries = ds["entry"].values.astype(int)
-    entries = entries[entries < spec["n"]]
+    entries = entries[_carried_mask(entries, spec, set())]
     return set((entries // spec["chunk_size"]).tolist())
 
 
@@ -102,7 +127,8 @@ def carry_earlier(ds: Any, earlier: str | Path, spec: dict[str, Any], solved: se
     Parameters
     ----------
     ds
-        The store's entries after :func:`~iris_lab.builder.export._export_mgii`.
+        The store's entries after :func:`~iris_lab.builder.export._export_mgii`,
+        or ``None`` when the store holds no chunk (everything is carried).
     earlier
         The earlier export (read fully before the new file replaces it).
     solved
@@ -114,22 +140,36 @@ def carry_earlier(ds: Any, earlier: str | Path, spec: dict[str, Any], solved: se
         ``ds`` with the carried entries (sorted by entry), attributes saying
         what was carried, and the number of solves the carried chunks took
         (kept or not), for the export's counts.
+
+    Notes
+    -----
+    The ``carried_*`` attributes are the earlier export's own description of
+    what it carried (or, when it carried nothing, of its store). An export
+    that held both kinds of entries describes only the carried ones, so after
+    a second loss of checkpoints its store's attributes (e.g. its top-up's)
+    are not carried again; the entries, models and σ always are.
+
+    Example
+    -------
+    >>> ds, info, n_solved = carry_earlier(exported, "earlier.nc", spec,
+    ...                                    store.done())  # doctest: +SKIP
     """
     import xarray as xr
 
     with xr.open_dataset(earlier, engine="h5netcdf") as handle:
         old = handle.load()
     _check_same_build(old.attrs, spec, earlier)
-    entries = old["entry"].values.astype(int)
-    chunk = entries // spec["chunk_size"]
-    keep = (entries < spec["n"]) & ~np.isin(chunk, sorted(solved))
-    old = old.isel(entry=np.flatnonzero(keep))
-    missing = [v for v in ds.data_vars if v not in old]
-    if missing:
-        raise ValueError(f"{earlier} lacks {missing}; cannot carry its entries")
-    if not np.array_equal(old["wavelength"].values, ds["wavelength"].values):
-        raise ValueError(f"{earlier} is on another wavelength grid")
-    old = old[list(ds.data_vars)]
+    old = old.isel(entry=np.flatnonzero(_carried_mask(old["entry"].values, spec, solved)))
+    if ds is not None:
+        missing = [v for v in ds.data_vars if v not in old]
+        if missing:
+            raise ValueError(f"{earlier} lacks {missing}; cannot carry its entries")
+        for coord in ("wavelength", "log_tau"):
+            if not np.array_equal(old[coord].values, ds[coord].values):
+                raise ValueError(f"{earlier} is on another {coord} grid than the store")
+        old = old[list(ds.data_vars)]
+    else:
+        old = old.drop_vars([v for v in ("seed",) if v in old])
     exact = old["rf_exact"].values.astype(bool)
     for name in [v for v in old.data_vars if v.startswith("sigma_")]:
         values = old[name].values.copy()
@@ -138,7 +178,7 @@ def carry_earlier(ds: Any, earlier: str | Path, spec: dict[str, Any], solved: se
     chunks = np.unique(old["entry"].values // spec["chunk_size"])
     n_solved = int(sum(min(spec["chunk_size"], spec["n"] - c * spec["chunk_size"])
                        for c in chunks))
-    combined = concat_entries(ds, old)
+    combined = old if ds is None else concat_entries(ds, old)
     info = {"carried_entries": str(old.sizes["entry"]),
             "carried_from": (f"{chunks.size} chunks ({old.sizes['entry']} entries, "
                              f"{int(exact.sum())} with exact sigma) from an earlier export "
@@ -154,18 +194,36 @@ def carry_earlier(ds: Any, earlier: str | Path, spec: dict[str, Any], solved: se
 
 
 def exact_outside(spec: dict[str, Any], solved: set[int], carry_from: str | Path | None = None,
-                  supplement: Any = None) -> int:
-    """Entries with exact σ that a Mg II database takes from outside its store:
-    carried from an earlier export (chunks not in ``solved``) and paired
-    responses of its supplement store; the response top-up counts them."""
+                  supplement: CheckpointStore | None = None) -> int:
+    """Entries with exact σ that a Mg II database takes from outside its store.
+
+    Parameters
+    ----------
+    spec, solved
+        The database's specification and the chunk ids its store holds.
+    carry_from
+        An earlier export whose entries in other chunks are carried (ignored
+        when it does not exist).
+    supplement
+        The supplement's store (its converged entries with paired responses).
+
+    Returns
+    -------
+    int
+        The count the response top-up subtracts from its target.
+
+    Example
+    -------
+    >>> exact_outside(make_spec("mgii", 1000), set())
+    0
+    """
     import xarray as xr
 
     n = 0
     if carry_from is not None and Path(carry_from).exists():
         with xr.open_dataset(carry_from, engine="h5netcdf") as ds:
-            entries = ds["entry"].values.astype(int)
-            carried = (entries < spec["n"]) & ~np.isin(entries // spec["chunk_size"],
-                                                       sorted(solved))
+            _check_same_build(ds.attrs, spec, carry_from)
+            carried = _carried_mask(ds["entry"].values, spec, solved)
             n += int((ds["rf_exact"].values.astype(bool) & carried).sum())
     if supplement is not None:
         from iris_lab.builder.responses import _entry_flags
@@ -175,12 +233,29 @@ def exact_outside(spec: dict[str, Any], solved: set[int], carry_from: str | Path
 
 
 def offset_supplement(ds: Any, base: dict[str, Any]) -> Any:
-    """A supplement's entries with ids after the base database's (``base["n"] + i``)."""
+    """A supplement's entries with ids after the base database's (``base["n"] + i``).
+
+    Example
+    -------
+    >>> import xarray as xr
+    >>> ds = xr.Dataset(coords={"entry": [0, 1]})
+    >>> offset_supplement(ds, {"n": 1000})["entry"].values.tolist()
+    [1000, 1001]
+    """
     return ds.assign_coords(entry=ds["entry"].values.astype(int) + int(base["n"]))
 
 
 def concat_entries(first: Any, second: Any) -> Any:
-    """Two exported Mg II datasets as one, sorted by ``entry`` (ids must differ)."""
+    """Two exported Mg II datasets as one, sorted by ``entry`` (ids must differ).
+
+    Example
+    -------
+    >>> import xarray as xr
+    >>> a = xr.Dataset({"v": ("entry", [1.0])}, coords={"entry": [5]})
+    >>> b = xr.Dataset({"v": ("entry", [2.0])}, coords={"entry": [2]})
+    >>> concat_entries(a, b)["entry"].values.tolist()
+    [2, 5]
+    """
     import xarray as xr
 
     ds = xr.concat([first, second], dim="entry", data_vars="minimal", coords="minimal",

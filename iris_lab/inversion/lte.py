@@ -259,7 +259,9 @@ def _hinode_starts(model, forward, data: np.ndarray, n_wavelength: int, sigma: A
     n_pix = data.shape[0]
     quiet = quiet_sun_start(model)
     if not screen:
-        return np.broadcast_to(quiet, (n_pix, quiet.size)).copy(), np.zeros(n_pix, int)
+        plain = HINODE_START_NAMES.index("quiet_v+0.0_azimuth_fixed")
+        return (np.broadcast_to(quiet, (n_pix, quiet.size)).copy(),
+                np.full(n_pix, plain, dtype=int))
     names = model.parameter_names
     v_nodes = [i for i, name in enumerate(names) if name.startswith("v_los")]
     azimuth_nodes = [i for i, name in enumerate(names) if name.startswith("azimuth")]
@@ -415,8 +417,8 @@ def invert_hinode_mode1(path: str, profile_path: str, *, nodes: Mapping | None =
                           wavelength=("wavelength", wave, {"units": "Angstrom", "medium": "air"}))
     ds["start"] = (dims, choice.reshape(shape),
                    {"long_name": "starting atmosphere",
-                    "flag_meanings": " ".join(HINODE_START_NAMES if screen else ("quiet",)),
-                    "flag_values": list(range(len(HINODE_START_NAMES) if screen else 1))})
+                    "flag_meanings": " ".join(HINODE_START_NAMES),
+                    "flag_values": list(range(len(HINODE_START_NAMES)))})
     ds["observed"] = (dims + ("stokes", "wavelength"), data.reshape(*shape, 4, wave.size))
     ds["fit"] = (dims + ("stokes", "wavelength"),
                  res.model.detach().cpu().numpy().reshape(*shape, 4, wave.size))
