@@ -168,6 +168,40 @@ class Lab:
         """``src`` of the last image in a widget box (the map widgets' detail panel)."""
         return page.locator(".widget-vbox img").last.get_attribute("src")
 
+    @staticmethod
+    def wait_for_explorer(page, start: str) -> tuple[str, str]:
+        """Wait until a map explorer shows its canvas, a readout starting with
+        ``start`` and a detail image; return the readout and the image's ``src``."""
+        page.wait_for_selector(".jupyter-matplotlib-canvas-div", timeout=120_000)
+        page.wait_for_function(
+            "s => [...document.querySelectorAll('.widget-label')]"
+            ".some(l => l.textContent.startsWith(s))", arg=start, timeout=60_000)
+        page.wait_for_function(
+            "() => { const i = [...document.querySelectorAll('.widget-vbox img')];"
+            " return i.length > 0 && !!i[i.length - 1].getAttribute('src'); }",
+            timeout=60_000)
+        return Lab.pixel_readout(page), Lab.detail_image(page)
+
+    @staticmethod
+    def click_map(page, fx: float, fy: float, start: str, before_png: str) -> str:
+        """Click the last map canvas at the fractions ``(fx, fy)`` of its width and
+        height (from the top left), wait until the readout no longer starts with
+        ``start`` and the detail image has changed; return the new readout."""
+        canvas = page.locator(".jupyter-matplotlib-canvas-div").last
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        assert box is not None and box["width"] > 100
+        canvas.click(position={"x": fx * box["width"], "y": fy * box["height"]})
+        page.wait_for_function(
+            "s => [...document.querySelectorAll('.widget-label')]"
+            ".some(l => l.textContent.startsWith('pixel y=') && !l.textContent.startsWith(s))",
+            arg=start, timeout=60_000)
+        page.wait_for_function(
+            "old => { const i = [...document.querySelectorAll('.widget-vbox img')];"
+            " return i.length > 0 && i[i.length - 1].getAttribute('src') !== old; }",
+            arg=before_png, timeout=60_000)
+        return Lab.pixel_readout(page)
+
     def screenshot(self, page, name: str) -> Path:
         """Save a PNG of the page under the test's tmp folder."""
         path = self.shots / f"{name}.png"

@@ -35,34 +35,13 @@ def _pixel_centre(y: int, x: int) -> tuple[float, float]:
 def test_click_on_map_selects_pixel(lab):
     page = lab.open(NOTEBOOK)
     lab.run_all(page)
-    page.wait_for_selector(".jupyter-matplotlib-canvas-div", timeout=120_000)
-    page.wait_for_function(
-        "s => [...document.querySelectorAll('.widget-label')]"
-        ".some(l => l.textContent.startsWith(s))", arg=START, timeout=60_000)
-    page.wait_for_function(
-        "() => { const i = [...document.querySelectorAll('.widget-vbox img')];"
-        " return i.length > 0 && !!i[i.length - 1].getAttribute('src'); }",
-        timeout=60_000)
-    before_text, before_png = lab.pixel_readout(page), lab.detail_image(page)
+    before_text, before_png = lab.wait_for_explorer(page, START)
     assert before_text.startswith(START) and "χ²_ν" in before_text and "start" in before_text
-    canvas = page.locator(".jupyter-matplotlib-canvas-div").last
-    canvas.scroll_into_view_if_needed()
+    page.locator(".jupyter-matplotlib-canvas-div").last.scroll_into_view_if_needed()
     page.wait_for_timeout(1000)            # let the canvas draw before the screenshot
     lab.screenshot(page, "hinode_before")
 
-    box = canvas.bounding_box()
-    assert box is not None and box["width"] > 100
-    fx, fy = _pixel_centre(*TARGET)
-    canvas.click(position={"x": fx * box["width"], "y": fy * box["height"]})
-    page.wait_for_function(
-        "s => [...document.querySelectorAll('.widget-label')]"
-        ".some(l => l.textContent.startsWith('pixel y=') && !l.textContent.startsWith(s))",
-        arg=START, timeout=60_000)
-    page.wait_for_function(
-        "old => { const i = [...document.querySelectorAll('.widget-vbox img')];"
-        " return i.length > 0 && i[i.length - 1].getAttribute('src') !== old; }",
-        arg=before_png, timeout=60_000)
-    after_text = lab.pixel_readout(page)
+    after_text = lab.click_map(page, *_pixel_centre(*TARGET), START, before_png)
     page.wait_for_timeout(1500)            # let the canvas redraw its markers
     lab.screenshot(page, "hinode_after_click")
     page.locator(".widget-vbox img").last.scroll_into_view_if_needed()

@@ -36,10 +36,8 @@ from typing import Any
 import numpy as np
 
 from iris_lab.widgets.pixel import (
-    ClickSelect,
+    MapPicker,
     clip_pixel,
-    map_view,
-    move_markers,
     png_bytes,
 )
 from iris_lab.widgets.pixel import (
@@ -298,7 +296,7 @@ def plot_pixel(ds: Any, y: int, x: int, fig: Any = None,
     return fig
 
 
-class CoupledExplorer(ClickSelect):
+class CoupledExplorer(MapPicker):
     """Maps of the experiment's field of view; click a pixel for its details.
 
     Parameters
@@ -326,17 +324,10 @@ class CoupledExplorer(ClickSelect):
     """
 
     def __init__(self, ds: Any, modes: tuple[str, ...] = ("1", "2", "3")) -> None:
-        import ipywidgets as widgets
-        import matplotlib.pyplot as plt
-
-        from iris_lab.widgets.iris2 import map_axes_positions
-
         self.ds = ds
         self.modes = modes
         self.shape = (ds.sizes["y"], ds.sizes["x"])
         self.selected = (self.shape[0] // 2, self.shape[1] // 2)
-        self.readout = widgets.Label(value="")
-        self.detail = widgets.Image(format="png")
         k0 = int(np.argmin(np.abs(ds["log_tau"].values)))
         lam_c = float(ds["continuum"].attrs.get("wavelength", np.nan))
         maps = [(ds["continuum"].values, f"I$_c$ at {lam_c:.2f} Å", "gray"),
@@ -344,42 +335,19 @@ class CoupledExplorer(ClickSelect):
         if "3" in [str(v) for v in ds["mode"].values]:
             maps.append((ds["temperature"].sel(mode="3").values[..., k0] / 1e3,
                          "mode 3 T(log τ=0) [kK]", "inferno"))
-        with plt.ioff():
-            self.map_fig = plt.figure(figsize=(2.6 * len(maps), 2.6))
-        self.map_axes = [self.map_fig.add_axes(p) for p in map_axes_positions(len(maps))]
         t_range = np.nanpercentile(np.concatenate([m[0].ravel() for m in maps[1:]]), [0, 100])
-        self._markers = []
-        for ax, (data, title, cmap) in zip(self.map_axes, maps, strict=True):
-            clim = t_range if cmap == "inferno" else (None, None)
-            ax.imshow(data, origin="lower", cmap=cmap, aspect="auto", interpolation="nearest",
-                      vmin=clim[0], vmax=clim[1])
-            ax.set_title(title, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            (marker,) = ax.plot([0], [0], "+", color="cyan", ms=12, mew=2)
-            self._markers.append(marker)
-        self.map_view, self.interactive = map_view(self.map_fig, self._on_click)
-        self.widget = widgets.VBox([self.map_view, self.readout, self.detail])
+        self._build([(data, title, cmap, *(t_range if cmap == "inferno" else (None, None)))
+                     for data, title, cmap in maps], figsize=(2.6 * len(maps), 2.6))
         self.select(*self.selected)
-
-    def _on_click(self, event: Any) -> None:
-        if event.inaxes not in self.map_axes or event.xdata is None:
-            return
-        self.select(int(round(event.ydata)), int(round(event.xdata)))
 
     def select(self, y: int, x: int) -> None:
         """Select pixel ``(y, x)``: move the markers, update readout and detail image."""
         self.selected = clip_pixel(y, x, self.shape)
         y, x = self.selected
-        move_markers(self._markers, y, x, self.map_fig, self.map_view, self.interactive)
+        self._move_markers(y, x)
         ds = self.ds
         chi2 = " ".join(f"{m}: {float(ds['chi2_reduced'].sel(mode=m).values[y, x]):.3g}"
                         for m in self.modes if m in [str(v) for v in ds["mode"].values])
         self.readout.value = (f"pixel y={y} x={x} · {ds['family'].values[y, x]} · "
                               f"χ²_ν {chi2}")
         self.detail.value = png_bytes(plot_pixel(ds, y, x, modes=self.modes))
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from iris_lab.widgets.pixel import ClickSelect, clip_pixel, map_view, move_markers, png_bytes
+from iris_lab.widgets.pixel import MapPicker, clip_pixel, png_bytes
 
 #: Stokes parameters in the order of the ``stokes`` dimension.
 STOKES: tuple[str, ...] = ("I", "Q", "U", "V")
@@ -332,7 +332,7 @@ def _continuum_map(ds: Any, continuum: Any) -> np.ndarray:
     return np.median(np.asarray(ds["observed"].values)[:, :, 0, free], axis=-1)
 
 
-class HinodeExplorer(ClickSelect):
+class HinodeExplorer(MapPicker):
     """Maps of a Hinode/SP inversion; click a pixel for its Stokes fits.
 
     Parameters
@@ -365,9 +365,7 @@ class HinodeExplorer(ClickSelect):
 
     def __init__(self, ds: Any, continuum: Any = None) -> None:
         import ipywidgets as widgets
-        import matplotlib.pyplot as plt
 
-        from iris_lab.widgets.iris2 import map_axes_positions
 
         self.ds = ds
         self.shape = (ds.sizes["y"], ds.sizes["x"])
@@ -381,43 +379,23 @@ class HinodeExplorer(ClickSelect):
                 (ds["v_los"].values[..., k0] / 1e5, "v$_{los}$(log τ=0) [km/s]", "RdBu_r",
                  "{:+.2f}"),
                 (ds["chi2_reduced"].values, "χ²_ν", "magma", "{:.0f}")]
-        with plt.ioff():
-            # 1.7 in per map: the five maps fit the width of a notebook output at 100 dpi
-            self.map_fig = plt.figure(figsize=(1.7 * len(maps), 2.1))
-        self.map_axes = [self.map_fig.add_axes(p) for p in map_axes_positions(len(maps))]
-        self._markers = []
-        for ax, (data, title, cmap, fmt) in zip(self.map_axes, maps, strict=True):
+        scaled = []
+        for data, title, cmap, fmt in maps:
             data = np.asarray(data, dtype=float)
             lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
             if cmap == "RdBu_r":
                 lo, hi = -max(abs(lo), abs(hi), 1e-3), max(abs(lo), abs(hi), 1e-3)
-            ax.imshow(data, origin="lower", cmap=cmap, aspect="auto", interpolation="nearest",
-                      vmin=lo, vmax=hi)
-            ax.set_title(f"{title}\n{fmt.format(lo)} … {fmt.format(hi)}", fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            (marker,) = ax.plot([0], [0], "+", color="cyan", ms=12, mew=2)
-            self._markers.append(marker)
-        self.map_view, self.interactive = map_view(self.map_fig, self._on_click)
-        self.widget = widgets.VBox([self.map_view, self.readout, self.detail])
+            scaled.append((data, f"{title}\n{fmt.format(lo)} … {fmt.format(hi)}", cmap, lo, hi))
+        # 1.7 in per map: the five maps fit the width of a notebook output at 100 dpi
+        self._build(scaled, figsize=(1.7 * len(maps), 2.1), title_size=7)
         self.select(*self.selected)
-
-    def _on_click(self, event: Any) -> None:
-        if event.inaxes not in self.map_axes or event.xdata is None:
-            return
-        self.select(int(round(event.ydata)), int(round(event.xdata)))
 
     def select(self, y: int, x: int) -> None:
         """Select pixel ``(y, x)``: move the markers, update readout and detail image."""
         self.selected = clip_pixel(y, x, self.shape)
         y, x = self.selected
-        move_markers(self._markers, y, x, self.map_fig, self.map_view, self.interactive)
+        self._move_markers(y, x)
         chi2 = float(self.ds["chi2_reduced"].values[y, x])
         self.readout.value = (f"pixel y={y} x={x} · χ²_ν {chi2:.3g} · "
                               f"start {_start_name(self.ds, y, x)}")
         self.detail.value = png_bytes(plot_hinode_pixel(self.ds, y, x))
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)

@@ -104,3 +104,68 @@ def move_markers(markers: Sequence[Any], y: int, x: int, figure: Any, view: Any,
         figure.canvas.draw_idle()
     else:
         view.value = png_bytes(figure)
+
+
+class MapPicker(ClickSelect):
+    """Base of the click-a-pixel explorers: maps of a field of view side by side in
+    one figure, a cyan marker on each, a readout label and a detail image.
+
+    A subclass sets ``shape``, ``selected``, calls :meth:`_build` with its maps
+    and defines ``select(y, x)``, which calls :meth:`_move_markers` and fills
+    ``readout`` and ``detail``. A click inside any map selects the pixel under it.
+
+    Example
+    -------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> class Picker(MapPicker):
+    ...     def __init__(self, image):
+    ...         self.shape, self.selected = image.shape, (0, 0)
+    ...         self._build([(image, "map", "gray", None, None)], figsize=(2, 2))
+    ...     def select(self, y, x):
+    ...         self.selected = clip_pixel(y, x, self.shape)
+    ...         self._move_markers(*self.selected)
+    ...         self.readout.value = "pixel y={} x={}".format(*self.selected)
+    >>> picker = Picker(np.zeros((3, 4)))
+    >>> picker.select(5, 1)
+    >>> picker.readout.value
+    'pixel y=2 x=1'
+    """
+
+    def _build(self, maps: Sequence[tuple[Any, str, str, float | None, float | None]],
+               figsize: tuple[float, float], title_size: float = 8.0) -> None:
+        """Draw ``maps`` (data, title, colour map, vmin, vmax) and assemble ``widget``."""
+        import ipywidgets as widgets
+        import matplotlib.pyplot as plt
+
+        from iris_lab.widgets.iris2 import map_axes_positions
+
+        self.readout = widgets.Label(value="")
+        self.detail = widgets.Image(format="png")
+        with plt.ioff():
+            self.map_fig = plt.figure(figsize=figsize)
+        self.map_axes = [self.map_fig.add_axes(p) for p in map_axes_positions(len(maps))]
+        self._markers = []
+        for ax, (data, title, cmap, lo, hi) in zip(self.map_axes, maps, strict=True):
+            ax.imshow(data, origin="lower", cmap=cmap, aspect="auto", interpolation="nearest",
+                      vmin=lo, vmax=hi)
+            ax.set_title(title, fontsize=title_size)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            (marker,) = ax.plot([0], [0], "+", color="cyan", ms=12, mew=2)
+            self._markers.append(marker)
+        self.map_view, self.interactive = map_view(self.map_fig, self._on_click)
+        self.widget = widgets.VBox([self.map_view, self.readout, self.detail])
+
+    def _on_click(self, event: Any) -> None:
+        if event.inaxes not in self.map_axes or event.xdata is None:
+            return
+        self.select(int(round(event.ydata)), int(round(event.xdata)))
+
+    def _move_markers(self, y: int, x: int) -> None:
+        move_markers(self._markers, y, x, self.map_fig, self.map_view, self.interactive)
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
