@@ -129,3 +129,14 @@ def test_pixel_titles_give_rms_per_stokes():
                       "Stokes U · rms residual 0.00 σ", "Stokes V · rms residual 0.50 σ"]
     assert "pixel y=1 x=2" in fig._suptitle.get_text()
     assert len(plot_maps(_result()).axes) > 10
+
+
+def test_panels_refuse_a_result_over_a_pixel_list():
+    """A result of ``invert_hinode_mode1(pixels=...)`` has a ``pixel`` dimension:
+    the map panels say so instead of failing on a reshape."""
+    flat = _result().stack(pixel=("y", "x")).reset_index("pixel", drop=True)
+    flat = flat.transpose("pixel", ...)
+    for call in (lambda: HinodeExplorer(flat), lambda: plot_hinode_pixel(flat, 0, 0),
+                 lambda: residual_table(flat, summary=False)):
+        with pytest.raises(ValueError, match="invert all pixels"):
+            call()

@@ -358,11 +358,11 @@ def invert_hinode_mode1(path: str, profile_path: str, *, nodes: Mapping | None =
     from iris_lab.atomic import LineList
     from iris_lab.inversion.lm import LevenbergMarquardt
     from iris_lab.io.hinode import (
-        TELLURIC_O2,
         estimate_noise,
         instrument_matrix,
         read_hinode_sp,
         read_instrument_profile,
+        telluric_free,
     )
     from iris_lab.nodes import NodeModel
     from iris_lab.synthesis.lte import LTESynthesizer
@@ -392,8 +392,7 @@ def invert_hinode_mode1(path: str, profile_path: str, *, nodes: Mapping | None =
         data = data[np.asarray(pixels)]
     n_pix = data.shape[0]
     weights = stokes_weights(wave.size, stokes_weight)
-    for t in TELLURIC_O2:
-        weights[: wave.size][np.abs(wave - t) < 0.04] = 0.0
+    weights[: wave.size][~telluric_free(wave)] = 0.0
     names = model.parameter_names
     lower, upper = model.bounds
     x0, choice = _hinode_starts(model, fwd, data, wave.size, sigma, weights, screen)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,24 @@ import numpy as np
 FE_6301 = 6301.5008
 FE_6302 = 6302.4936
 TELLURIC_O2 = (6302.0005, 6302.7640)
+#: Half width [Å] of the windows around the telluric O2 lines that fits leave out of
+#: Stokes I.
+TELLURIC_HALF_WIDTH = 0.04
+
+
+def telluric_free(wavelength: Any, half_width: float = TELLURIC_HALF_WIDTH) -> np.ndarray:
+    """True where a wavelength lies outside the windows around the telluric O2 lines.
+
+    Example
+    -------
+    >>> telluric_free(np.array([6301.5, 6302.0, 6302.76])).tolist()
+    [True, False, False]
+    """
+    wavelength = np.asarray(wavelength, dtype=float)
+    free = np.ones(wavelength.shape, dtype=bool)
+    for line in TELLURIC_O2:
+        free &= np.abs(wavelength - line) >= half_width
+    return free
 
 
 def shipped_sample() -> tuple[Path, Path]:

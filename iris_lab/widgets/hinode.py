@@ -35,23 +35,26 @@ from typing import Any
 
 import numpy as np
 
+from iris_lab.io.hinode import TELLURIC_HALF_WIDTH, telluric_free
 from iris_lab.widgets.pixel import MapPicker, clip_pixel, png_bytes
 
 #: Stokes parameters in the order of the ``stokes`` dimension.
 STOKES: tuple[str, ...] = ("I", "Q", "U", "V")
-#: Half width [Å] of the windows around the telluric O2 lines that the
-#: inversion leaves out of Stokes I (zero weight in χ²).
-TELLURIC_HALF_WIDTH = 0.04
 
 
 def _fitted_mask(wavelength: np.ndarray, half_width: float = TELLURIC_HALF_WIDTH) -> np.ndarray:
     """``(4, n_wavelength)`` True where a sample enters χ² (telluric O2 out of Stokes I)."""
-    from iris_lab.io.hinode import TELLURIC_O2
-
     mask = np.ones((4, wavelength.size), dtype=bool)
-    for t in TELLURIC_O2:
-        mask[0] &= np.abs(wavelength - t) >= half_width
+    mask[0] = telluric_free(wavelength, half_width)
     return mask
+
+
+def _require_map(ds: Any) -> None:
+    """Refuse a result over a list of pixels: these panels need its (y, x) maps."""
+    dims = ds["chi2_reduced"].dims
+    if dims != ("y", "x"):
+        raise ValueError(f"a (y, x) result is needed, got dims {dims}: invert all pixels "
+                         "(invert_hinode_mode1 without pixels=)")
 
 
 def _normalised_residual(ds: Any) -> np.ndarray:
@@ -117,6 +120,7 @@ def residual_table(ds: Any, summary: bool = True,
     """
     import pandas as pd
 
+    _require_map(ds)
     wave = np.asarray(ds["wavelength"].values, dtype=float)
     mask = _fitted_mask(wave, telluric_half_width)
     resid2 = _normalised_residual(ds) ** 2                               # (y, x, 4, w)
@@ -180,6 +184,8 @@ def plot_hinode_pixel(ds: Any, y: int, x: int, fig: Any = None) -> Any:
     >>> fig = plot_hinode_pixel(ds, 0, 4)     # doctest: +SKIP
     """
     from matplotlib.figure import Figure
+
+    _require_map(ds)
 
     if fig is None:
         fig = Figure(figsize=(13, 5.4))
@@ -364,14 +370,10 @@ class HinodeExplorer(MapPicker):
     """
 
     def __init__(self, ds: Any, continuum: Any = None) -> None:
-        import ipywidgets as widgets
-
-
+        _require_map(ds)
         self.ds = ds
         self.shape = (ds.sizes["y"], ds.sizes["x"])
         self.selected = (self.shape[0] // 2, self.shape[1] // 2)
-        self.readout = widgets.Label(value="")
-        self.detail = widgets.Image(format="png")
         k1, k0 = (int(np.argmin(np.abs(ds["log_tau_map"].values - v))) for v in (-1.0, 0.0))
         maps = [(_continuum_map(ds, continuum), "observed I$_c$", "gray", "{:.3f}"),
                 (ds["temperature"].values[..., k0], "T(log τ=0) [K]", "inferno", "{:.0f}"),
