@@ -4,11 +4,43 @@ and the flare set."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from iris_lab.builder.responses import response_spectra, rf_parameters
+
+
+def warm_chain(synth: Any, atmospheres: Any, n: int) -> Iterator[tuple[int, Any, Exception | None]]:
+    """Solve atmospheres ``0 … n−1`` in order, each warm-started from the last
+    converged solution: the chain of a Mg II chunk.
+
+    Yields ``(i, solution, None)``, or ``(i, None, error)`` when the solve
+    raised; the chain goes on either way, and a solution that did not converge
+    is yielded but never warm-starts the next. :func:`mgii_chunk` and
+    :func:`mgii_reference_chunk` both walk it, so a replayed chain is the
+    same chain by construction.
+
+    Example
+    -------
+    >>> from types import SimpleNamespace
+    >>> class Synth:
+    ...     def solve(self, atm, warm_start=None):
+    ...         return SimpleNamespace(converged=atm > 0, started=warm_start)
+    >>> [(i, s.started is not None) for i, s, _ in warm_chain(Synth(), [1, 0, 1], 3)]
+    [(0, False), (1, True), (2, True)]
+    """
+    previous = None
+    for i in range(n):
+        try:
+            solution = synth.solve(atmospheres[i], warm_start=previous)
+        except Exception as err:  # noqa: BLE001 - reported to the caller, the chain goes on
+            yield i, None, err
+            continue
+        if solution.converged:
+            previous = solution
+        yield i, solution, None
 
 
 def mgii_chunk(payload: dict[str, Any]) -> Any:
@@ -44,16 +76,15 @@ def mgii_chunk(payload: dict[str, Any]) -> Any:
     seconds = np.zeros(n)
     rf_seconds = np.zeros(n)
     message = np.array([""] * n, dtype=object)
-    previous = None
-    for i in range(n):
+    for i, sol, error in warm_chain(synth, atms, n):
         atm = atms[i]
         try:
-            sol = synth.solve(atm, warm_start=previous)
+            if error is not None:
+                raise error
             converged[i], iterations[i], seconds[i] = sol.converged, sol.iterations, sol.seconds
             message[i] = sol.message
             if not sol.converged:
                 continue
-            previous = sol
             spec = sol.spectra["mgii"]
             if spectra is None:
                 wavelength = spec["wavelength"].values
@@ -140,16 +171,10 @@ def mgii_reference_chunk(payload: dict[str, Any]) -> Any:
     reference = np.full((picked.size, stored.shape[-1]), np.nan)
     mismatch = np.full(picked.size, np.inf)
     seconds = np.zeros(picked.size)
-    previous = None
     t0 = time.perf_counter()
-    for i in range(int(picked.max()) + 1 if picked.size else 0):
-        try:
-            sol = synth.solve(atms[i], warm_start=previous)
-        except Exception:  # noqa: BLE001 - as in mgii_chunk: the chain goes on
+    for i, sol, error in warm_chain(synth, atms, int(picked.max()) + 1 if picked.size else 0):
+        if error is not None or not sol.converged:
             continue
-        if not sol.converged:
-            continue
-        previous = sol
         if need[i]:
             j = int(np.searchsorted(picked, i))
             spectrum = sol.spectra["mgii"].values
