@@ -113,8 +113,8 @@ def _check_same_build(attrs: dict[str, Any], spec: dict[str, Any], path: Any) ->
                          f"n={spec['n']}: (file, build) differ in {differ}")
 
 
-def carry_earlier(ds: Any, earlier: str | Path, spec: dict[str, Any], solved: set[int]
-                  ) -> tuple[Any, dict[str, str], int]:
+def carry_earlier(ds: Any, earlier: str | Path, spec: dict[str, Any], solved: set[int], *,
+                  with_supplement: bool = False) -> tuple[Any, dict[str, str], int]:
     """Add to an exported Mg II dataset the entries of an earlier export of the
     same build whose chunks the store no longer holds.
 
@@ -133,6 +133,10 @@ def carry_earlier(ds: Any, earlier: str | Path, spec: dict[str, Any], solved: se
         The earlier export (read fully before the new file replaces it).
     solved
         Chunk ids in the store; their entries are never carried.
+    with_supplement
+        Whether the export has its supplement store; supplementary entries
+        (ids ≥ n) are never carried, so a file that holds some is refused
+        without it (the database would silently shrink).
 
     Returns
     -------
@@ -159,6 +163,10 @@ def carry_earlier(ds: Any, earlier: str | Path, spec: dict[str, Any], solved: se
     with xr.open_dataset(earlier, engine="h5netcdf") as handle:
         old = handle.load()
     _check_same_build(old.attrs, spec, earlier)
+    beyond = int((old["entry"].values >= spec["n"]).sum())
+    if beyond and not with_supplement:
+        raise ValueError(f"{earlier} holds {beyond} supplementary entries (ids ≥ {spec['n']}) "
+                         "and no supplement store is given (--supplement)")
     old = old.isel(entry=np.flatnonzero(_carried_mask(old["entry"].values, spec, solved)))
     if ds is not None:
         missing = [v for v in ds.data_vars if v not in old]

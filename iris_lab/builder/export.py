@@ -154,26 +154,15 @@ def _mgii_store(store: CheckpointStore, rf_topup: CheckpointStore | None = None,
     return ds, info, n_total
 
 
-def _check_parts(store: CheckpointStore, carry_from: str | Path | None,
-                 supplement: CheckpointStore | None) -> None:
-    """Refuse a Mg II export that would silently leave out a part of the database:
-    the carried entries of a store resumed from an earlier export, or the
-    supplementary entries (ids ≥ n) that the earlier export holds."""
-    import xarray as xr
-
+def _check_resumed(store: CheckpointStore, carry_from: str | Path | None) -> None:
+    """Refuse to export a store resumed from an earlier export without that file:
+    the export would silently leave out the carried entries."""
     log = store.path / "log.jsonl"
     resumed = log.exists() and any('"status": "carried"' in line
                                    for line in log.read_text().splitlines())
     if resumed and carry_from is None:
         raise ValueError(f"{store.path} was resumed from an earlier export and lacks its "
                          "chunks: pass that file as carry_from (--carry-from)")
-    if carry_from is not None and Path(carry_from).exists():
-        with xr.open_dataset(carry_from, engine="h5netcdf") as earlier:
-            beyond = int((earlier["entry"].values >= store.spec["n"]).sum())
-        if beyond and (supplement is None or not any(iter_chunk_files(supplement.path))):
-            raise ValueError(f"{carry_from} holds {beyond} supplementary entries (ids ≥ "
-                             f"{store.spec['n']}) and no supplement store is given "
-                             "(--supplement)")
 
 
 def export(store: CheckpointStore, out: str | Path, *, command: str | None = None,
@@ -218,19 +207,21 @@ def export(store: CheckpointStore, out: str | Path, *, command: str | None = Non
     else:
         from iris_lab.builder.combine import carry_earlier, concat_entries, offset_supplement
 
-        _check_parts(store, carry_from, supplement)
+        _check_resumed(store, carry_from)
+        has_supplement = supplement is not None and any(iter_chunk_files(supplement.path))
         ds, n_total = None, 0
         if any(iter_chunk_files(store.path)):
             ds, info, n_total = _mgii_store(store, rf_topup, rf_references)
             attrs.update(info)
         if carry_from is not None:
-            ds, info, n_carried = carry_earlier(ds, carry_from, spec, store.done())
+            ds, info, n_carried = carry_earlier(ds, carry_from, spec, store.done(),
+                                                with_supplement=has_supplement)
             attrs.update(info)
             n_total += n_carried
         if ds is None:
             raise ValueError(f"no finished chunks in {store.path}")
         seed = np.full(ds.sizes["entry"], spec["seed"], dtype=np.int32)
-        if supplement is not None and any(iter_chunk_files(supplement.path)):
+        if has_supplement:
             extra, _, n_extra = _mgii_store(supplement)
             extra = offset_supplement(extra, spec)
             ds = concat_entries(ds, extra)

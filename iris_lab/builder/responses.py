@@ -302,6 +302,26 @@ def rf_reference_tasks(main: CheckpointStore) -> list[tuple[int, dict[str, Any]]
     return out
 
 
+def _rows_of(ds: Any, entries: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Row of each of ``entries`` in ``ds``, and whether it is there.
+
+    Example
+    -------
+    >>> import xarray as xr
+    >>> ds = xr.Dataset(coords={"entry": [2, 5, 9]})
+    >>> rows, found = _rows_of(ds, [5, 3, 9])
+    >>> rows[found].tolist(), found.tolist()
+    ([1, 2], [True, False, True])
+    """
+    have = np.asarray(ds["entry"].values).astype(int)
+    wanted = np.asarray(entries).astype(int)
+    if have.size == 0:
+        return np.zeros(wanted.size, int), np.zeros(wanted.size, bool)
+    order = np.argsort(have, kind="stable")
+    rows = order[np.clip(np.searchsorted(have, wanted, sorter=order), 0, have.size - 1)]
+    return rows, have[rows] == wanted
+
+
 def merge_rf_references(ds: Any, references: Any) -> tuple[Any, dict[str, str]]:
     """Pair the unpaired responses of a loaded Mg II store with their references.
 
@@ -313,18 +333,15 @@ def merge_rf_references(ds: Any, references: Any) -> tuple[Any, dict[str, str]]:
     """
     good = (references["converged"].values.astype(bool)
             & (references["chain_mismatch"].values < CHAIN_MATCH_TOLERANCE))
-    where = {int(e): i for i, e in enumerate(ds["entry"].values)}
-    rf = ds["rf_spectrum"].values.copy()
+    i, found = _rows_of(ds, references["entry"].values)
     paired = ds["rf_paired"].values.astype(bool).copy()
-    merged = 0
-    for j, entry in enumerate(references["entry"].values):
-        i = where.get(int(entry))
-        if i is None or paired[i] or not good[j] or not ds["rf_done"].values[i]:
-            continue
-        shift = ds["spectrum"].values[i] - references["reference_spectrum"].values[j]
-        rf[i] = rf[i] + shift[None, :]
-        paired[i] = True
-        merged += 1
+    take = found & good
+    take[found] &= ~paired[i[found]] & ds["rf_done"].values.astype(bool)[i[found]]
+    i, j = i[take], np.flatnonzero(take)
+    rf = ds["rf_spectrum"].values.copy()
+    rf[i] += (ds["spectrum"].values[i] - references["reference_spectrum"].values[j])[:, None, :]
+    paired[i] = True
+    merged = int(take.sum())
     ds["rf_spectrum"] = (ds["rf_spectrum"].dims, rf, ds["rf_spectrum"].attrs)
     ds["rf_paired"] = (ds["rf_paired"].dims, paired)
     return ds, {"rf_references_merged": str(merged),
@@ -394,25 +411,23 @@ def merge_rf_topup(ds: Any, topup: Any) -> tuple[Any, dict[str, str]]:
             raise ValueError(f"the top-up's {coord} differs from the database's")
     good = topup["converged"].values.astype(bool) & topup["rf_done"].values.astype(bool)
     top = topup.isel(entry=np.flatnonzero(good))
-    where = {int(e): i for i, e in enumerate(ds["entry"].values)}
-    rf = ds["rf_spectrum"].values.copy()
     done = ds["rf_done"].values.astype(bool).copy()
     paired = (ds["rf_paired"].values.astype(bool).copy() if "rf_paired" in ds
               else np.zeros(done.size, bool))
     top_paired = (top["rf_paired"].values.astype(bool) if "rf_paired" in top
                   else np.zeros(top.sizes["entry"], bool))
+    i, take = _rows_of(ds, top["entry"].values)
+    # an entry that has responses keeps them unless they are unpaired and the top-up's are
+    take[take] &= ~done[i[take]] | (~paired[i[take]] & top_paired[take])
+    i, j = i[take], np.flatnonzero(take)
+    rf = ds["rf_spectrum"].values.copy()
     seconds = ds["rf_seconds"].values.copy()
-    merged = 0
-    for j, entry in enumerate(top["entry"].values):
-        i = where.get(int(entry))
-        if i is None or (done[i] and (paired[i] or not top_paired[j])):
-            continue
-        shift = ds["spectrum"].values[i] - top["spectrum"].values[j]
-        rf[i] = top["rf_spectrum"].values[j] + shift[None, :]
-        done[i] = True
-        paired[i] = top_paired[j]
-        seconds[i] = float(top["rf_seconds"].values[j] + top["solve_seconds"].values[j])
-        merged += 1
+    shift = ds["spectrum"].values[i] - top["spectrum"].values[j]
+    rf[i] = top["rf_spectrum"].values[j] + shift[:, None, :]
+    done[i] = True
+    paired[i] = top_paired[j]
+    seconds[i] = top["rf_seconds"].values[j] + top["solve_seconds"].values[j]
+    merged = int(take.sum())
     ds["rf_spectrum"] = (ds["rf_spectrum"].dims, rf, ds["rf_spectrum"].attrs)
     ds["rf_done"] = (ds["rf_done"].dims, done)
     ds["rf_paired"] = (ds["rf_done"].dims, paired)

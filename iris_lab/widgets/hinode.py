@@ -49,6 +49,15 @@ def _fitted_mask(wavelength: np.ndarray, half_width: float = TELLURIC_HALF_WIDTH
     return mask
 
 
+def _colour_range(values: Any, symmetric: bool) -> tuple[float, float]:
+    """Finite min and max of ``values``; symmetric about 0 (velocities) when asked."""
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    if symmetric:
+        lim = max(abs(lo), abs(hi), 1e-3)
+        return -lim, lim
+    return lo, hi
+
+
 def _require_map(ds: Any) -> None:
     """Refuse a result over a list of pixels: these panels need its (y, x) maps."""
     dims = ds["chi2_reduced"].dims
@@ -307,10 +316,7 @@ def plot_maps(ds: Any, fig: Any = None) -> Any:
     taus = [float(v) for v in ds["log_tau_map"].values]
     for j, (name, scale, label, cmap) in enumerate(_MAP_QUANTITIES):
         values = np.asarray(ds[name].values, dtype=float) * scale         # (y, x, tau)
-        lo, hi = np.nanmin(values), np.nanmax(values)
-        if name == "v_los":
-            lim = max(abs(lo), abs(hi), 1e-3)
-            lo, hi = -lim, lim
+        lo, hi = _colour_range(values, symmetric=name == "v_los")
         for i, tau in enumerate(taus):
             image = axes[i, j].imshow(values[..., i], origin="lower", cmap=cmap, vmin=lo,
                                       vmax=hi, interpolation="nearest")
@@ -384,9 +390,7 @@ class HinodeExplorer(MapPicker):
         scaled = []
         for data, title, cmap, fmt in maps:
             data = np.asarray(data, dtype=float)
-            lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
-            if cmap == "RdBu_r":
-                lo, hi = -max(abs(lo), abs(hi), 1e-3), max(abs(lo), abs(hi), 1e-3)
+            lo, hi = _colour_range(data, symmetric=cmap == "RdBu_r")
             scaled.append((data, f"{title}\n{fmt.format(lo)} … {fmt.format(hi)}", cmap, lo, hi))
         # 1.7 in per map: the five maps fit the width of a notebook output at 100 dpi
         self._build(scaled, figsize=(1.7 * len(maps), 2.1), title_size=7)
